@@ -1,1 +1,189 @@
-def main() -> None: ...
+"""The ``medlens`` command line: parse, call one function, print. Nothing imports this module.
+
+Heavy libraries (torch, MONAI, pydicom, SimpleITK) are imported inside the commands, so ``medlens --help``
+answers at once. A :class:`~medlens.errors.MedlensError` is printed as one line and exits non-zero;
+``medlens --debug ...`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from medlens.errors import MedlensError
+
+app = typer.Typer(
+    name="medlens",
+    help="Self-configuring deep learning for medical imaging: DICOM in, validated and explained models out.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+dataset_app = typer.Typer(help="Import, check and fingerprint datasets.", no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
+
+_state = {"debug": False}
+log = logging.getLogger("medlens")
+
+
+def _echo(msg: str) -> None:
+    from rich.console import Console
+
+    Console(highlight=False).print(msg)
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+    from rich.logging import RichHandler
+
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(
+        level=level, format="%(message)s", handlers=[RichHandler(show_path=False, show_time=False)], force=True
+    )
+    for noisy in ("PIL", "matplotlib", "h5py", "numexpr", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ---- io -----------------------------------------------------------------------------------------------------
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="A DICOM series folder, DICOM/NIfTI/NRRD/MHA/PNG/JPEG/TIFF file or .npz.")],
+    out: Annotated[Path, typer.Argument(help="Output file: .nii.gz, .nii or .png.")],
+    series: Annotated[str | None, typer.Option(help="Series to take from a folder with several (UID, number or index).")] = None,
+    index: Annotated[str | None, typer.Option(help="Image of an npz to take, e.g. 'train:12'.")] = None,
+) -> None:
+    """Convert any readable image to NIfTI or PNG, keeping its geometry.
+
+    Example: medlens convert dicom/CT_series/ ct.nii.gz
+    """
+    from medlens.io.convert import convert as do_convert
+
+    path = do_convert(src, out, series=series, index=index)
+    _echo(f"wrote {path}")
+
+
+@app.command()
+def info(
+    path: Annotated[Path, typer.Argument(help="An image file or a DICOM folder.")],
+) -> None:
+    """Show an image's shape, spacing, orientation and modality, or list the series in a DICOM folder.
+
+    Example: medlens info dicom_folder/
+    """
+    from medlens.io import read_image
+
+    if path.is_dir():
+        from medlens.io.dicom import list_series
+
+        rows = list_series(path)
+        for n, s in enumerate(rows):
+            _echo(f"[{n}] {s}")
+        if len(rows) != 1:
+            return
+    img = read_image(path)
+    _echo(repr(img))
+    _echo(f"affine (RAS+, mm):\n{img.affine.round(4)}")
+
+
+# ---- data ---------------------------------------------------------------------------------------------------
+@app.command()
+def sample(
+    name: Annotated[str, typer.Argument(help="brain-tissue or brain-lesion.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Dataset folder to create.")],
+    subjects: Annotated[int | None, typer.Option(help="Number of simulated subjects.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same dataset).")] = 0,
+    task: Annotated[str | None, typer.Option(help="brain-lesion: classification, segmentation or detection.")] = None,
+    dim: Annotated[int | None, typer.Option(help="2 for slices, 3 for volumes.")] = None,
+    resolution: Annotated[float, typer.Option(help="Voxel size in mm.")] = 2.0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False,
+) -> None:
+    """Build a sample dataset from real anatomy shipped with installed packages (no download).
+
+    Example: medlens sample brain-tissue --out data/brain-tissue
+    """
+    from medlens.data.samples import build_sample
+
+    ds = build_sample(
+        name, out, subjects=subjects, seed=seed, task=task, dim=dim, resolution=resolution, overwrite=overwrite
+    )
+    _echo(f"wrote {ds.root}: {len(ds.training)} training and {len(ds.test)} test cases ({ds.task})")
+
+
+@dataset_app.command("import")
+def dataset_import(
+    kind: Annotated[str, typer.Argument(help="msd, nnunet, medmnist, folder or dicom.")],
+    src: Annotated[Path, typer.Argument(help="The source folder or file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Dataset folder to create.")],
+    labels_csv: Annotated[Path | None, typer.Option("--labels", help="dicom: CSV of labels and metadata.")] = None,
+    label_column: Annotated[str, typer.Option(help="dicom: the CSV column holding the label.")] = "label",
+    ordinal: Annotated[bool, typer.Option(help="medmnist: the classes are ordered grades.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False,
+) -> None:
+    """Import an MSD or nnU-Net folder, a MedMNIST npz, class-per-folder images or a DICOM tree + CSV.
+
+    Example: medlens dataset import medmnist pathmnist.npz --out data/pathmnist
+    """
+    from medlens.data.importers import import_dataset
+
+    options: dict[str, object] = {"overwrite": overwrite}
+    if kind == "dicom":
+        options.update(labels_csv=labels_csv, label_column=label_column)
+    if kind == "medmnist":
+        options["ordinal"] = ordinal
+    ds = import_dataset(kind, src, out, **options)
+    _echo(f"wrote {ds.root}: {len(ds.training)} training and {len(ds.test)} test cases ({ds.task})")
+
+
+@dataset_app.command("check")
+def dataset_check(
+    root: Annotated[Path, typer.Argument(help="Dataset folder (with dataset.json).")],
+) -> None:
+    """Report every problem in a dataset, each with its file; exit code 1 when anything is wrong.
+
+    Example: medlens dataset check data/brain-tissue
+    """
+    from medlens.data.check import check_dataset
+
+    report = check_dataset(root)
+    _echo(report.to_text())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@dataset_app.command("fingerprint")
+def dataset_fingerprint(
+    root: Annotated[Path, typer.Argument(help="Dataset folder (with dataset.json).")],
+) -> None:
+    """Write fingerprint.json: the statistics the planner needs (spacing, shapes, intensities, classes, sites).
+
+    Example: medlens dataset fingerprint data/brain-tissue
+    """
+    from medlens.data.fingerprint import write_fingerprint
+
+    path = write_fingerprint(root)
+    _echo(f"wrote {path}")
+
+
+# ---- entry point -----------------------------------------------------------------------------------------------
+def main() -> None:
+    """Console entry point: run the app, turning medlens errors into one line and an exit code."""
+    try:
+        app()  # standalone: usage errors, --help and Ctrl-C (exit 130) are handled by typer
+    except MedlensError as e:
+        if _state["debug"]:
+            raise
+        print(f"medlens: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()
