@@ -47,6 +47,10 @@ class RunError(InputError):
     """A run directory is missing something needed to use the model."""
 
 
+class TrainingError(MedlensError):
+    """Training cannot go on (e.g. the loss diverged); the message says what to change."""
+
+
 def did_you_mean(value: str, choices: list[str] | tuple[str, ...] | set[str]) -> str:
     """Return a ' Did you mean X?' suffix for an unknown name, or '' when nothing is close."""
     import difflib
