@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medlens._fs import atomic_write_json
 from medlens.errors import DatasetError, did_you_mean
+
+if TYPE_CHECKING:
+    from medlens.io.image import Image
 
 TASKS = (
     "classification",
@@ -284,57 +287,107 @@ def _parse_channels(raw: dict[str, Any], where: str) -> tuple[dict[int, str], di
         channels = {int(k): str(v) for k, v in names.items()}
         modalities = {int(k): str(v) for k, v in mods.items()}
     except ValueError:
-        raise DatasetError(f"{where}: channel keys must be integers as strings (\"0\", \"1\", ...)") from None
+        raise DatasetError(f'{where}: channel keys must be integers as strings ("0", "1", ...)') from None
     if not channels:
         channels = dict(modalities)
     if not modalities:
         # nnU-Net v2 keeps the modality in channel_names ("CT" triggers CT normalisation there too).
-        modalities = {k: (v.upper() if v.upper() in ("CT", "MR", "MRI", "PET", "PT", "US") else "OT")
-                      for k, v in channels.items()}  # fmt: skip
-        modalities = {k: ("MR" if v == "MRI" else "PT" if v == "PET" else v) for k, v in modalities.items()}
-    return channels, modalities
+        modalities = dict(channels)
+    # MSD puts channel names in "modality" ("FLAIR", "T2", "MRI"): keep those as names, store codes.
+    return channels, {k: modality_code(v) for k, v in modalities.items()}
+
+
+#: Channel names that mean an MR image (MSD and nnU-Net datasets name MR channels by sequence).
+_MR_NAMES = ("MR", "MRI", "T1", "T1W", "T1GD", "T1C", "T1CE", "T2", "T2W", "FLAIR", "ADC", "DWI", "PD", "SWI")
+
+
+def modality_code(name: str) -> str:
+    """Map a modality or channel name (``"MRI"``, ``"FLAIR"``, ``"PET"``, ``"CT"``) to a modality code.
+
+    Unknown names give ``"OT"``; codes medlens knows (:data:`medlens.io.image.MODALITIES`) pass unchanged.
+    """
+    from medlens.io.image import MODALITIES
+
+    up = str(name).strip().upper()
+    if up in MODALITIES:
+        return up
+    if up in _MR_NAMES or up.startswith(("T1", "T2")):
+        return "MR"
+    return {"PET": "PT", "CTA": "CT", "XRAY": "XR", "X-RAY": "XR", "ULTRASOUND": "US"}.get(up, "OT")
 
 
 def _parse_cases(raw: Any, section: str, where: str) -> list[Case]:
     if not isinstance(raw, list):
         raise DatasetError(f"{where}: '{section}' must be a list of cases")
-    cases = []
-    for n, entry in enumerate(raw):
-        if isinstance(entry, str):  # MSD test entries are bare paths
-            entry = {"image": entry}
-        if not isinstance(entry, dict) or "image" not in entry and "fixed" not in entry:
-            raise DatasetError(f"{where}: {section}[{n}] must be an object with an 'image' path")
-        image = entry.get("image", entry.get("moving"))
-        images = [image] if isinstance(image, str) else image
-        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-            raise DatasetError(f"{where}: {section}[{n}].image must be a path or a list of paths")
-        cid = entry.get("id") or _id_from_path(images[0])
-        split = entry.get("split")
-        if split is not None and split not in ("train", "val", "test"):
-            raise DatasetError(f"{where}: {section}[{n}].split is {split!r}; use 'train', 'val' or 'test'")
-        label = entry.get("label")
-        if label is not None and not isinstance(label, str | int | list) or isinstance(label, bool):
-            raise DatasetError(f"{where}: {section}[{n}].label must be a path, an integer or a list of 0/1")
-        cases.append(
-            Case(
-                id=str(cid),
-                image=list(images),
-                label=label,
-                boxes=entry.get("boxes"),
-                box_labels=entry.get("box_labels"),
-                target=entry.get("target"),
-                fixed=entry.get("fixed"),
-                moving=entry.get("moving"),
-                split=split,
-                meta={k: v for k, v in entry.items() if k not in STRUCTURAL_KEYS},
-            )
-        )
-    return cases
+    return [_parse_case(entry, section, n, where) for n, entry in enumerate(raw)]
 
 
-def _id_from_path(p: str) -> str:
+def _parse_case(entry: Any, section: str, n: int, where: str) -> Case:
+    """Parse entry ``n`` of ``section`` (``"training"`` or ``"test"``); errors name ``section[n]``."""
+    if isinstance(entry, str):  # MSD test entries are bare paths
+        entry = {"image": entry}
+    if not isinstance(entry, dict) or ("image" not in entry and "fixed" not in entry):
+        raise DatasetError(f"{where}: {section}[{n}] must be an object with an 'image' path")
+    image = entry.get("image", entry.get("moving"))
+    images = [image] if isinstance(image, str) else image
+    if not isinstance(images, list) or not images or not all(isinstance(p, str) for p in images):
+        raise DatasetError(f"{where}: {section}[{n}].image must be a path or a list of paths")
+    cid = entry.get("id") or _id_from_path(images[0], per_channel=len(images) > 1)
+    split = entry.get("split")
+    if split is not None and split not in ("train", "val", "test"):
+        raise DatasetError(f"{where}: {section}[{n}].split is {split!r}; use 'train', 'val' or 'test'")
+    label = entry.get("label")
+    if (label is not None and not isinstance(label, str | int | list)) or isinstance(label, bool):
+        raise DatasetError(f"{where}: {section}[{n}].label must be a path, an integer or a list of 0/1")
+    return Case(
+        id=str(cid),
+        image=list(images),
+        label=label,
+        boxes=entry.get("boxes"),
+        box_labels=entry.get("box_labels"),
+        target=entry.get("target"),
+        fixed=entry.get("fixed"),
+        moving=entry.get("moving"),
+        split=split,
+        meta={k: v for k, v in entry.items() if k not in STRUCTURAL_KEYS},
+    )
+
+
+def _id_from_path(p: str, per_channel: bool = False) -> str:
+    """Case id from an image file name; per-channel nnU-Net names (``CASE_0000``) lose the channel suffix."""
     name = Path(p).name
     for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npz"):
         if name.lower().endswith(ext):
-            return name[: -len(ext)]
+            name = name[: -len(ext)]
+            break
+    if per_channel and len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
+        name = name[:-5]
     return name
+
+
+def read_case_image(dataset: Dataset, case: Case, atol: float = 1e-3) -> Image:
+    """Read a case's image, joining per-channel files along the channel axis.
+
+    Returns:
+        A :class:`medlens.io.Image` with every channel of the case, channel order as listed.
+
+    Raises:
+        ImageReadError: a file is missing or unreadable.
+        DatasetError: the channel files differ in geometry (``medlens dataset check`` lists every such case).
+    """
+    import numpy as np
+
+    from medlens.io import read_image
+
+    parts = [read_image(dataset.path(rel)) for rel in case.image]
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    for rel, im in zip(case.image[1:], parts[1:], strict=True):
+        if not im.same_geometry(first, atol=atol):
+            raise DatasetError(
+                f"{dataset.path(rel)}: channel of case {case.id!r} has shape {im.spatial_shape} and affine "
+                f"differing from {case.image[0]} {first.spatial_shape}; channels must share one geometry "
+                "(run 'medlens dataset check')"
+            )
+    return first.with_array(np.concatenate([im.array for im in parts], axis=0))
