@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -201,3 +202,22 @@ def test_result_type(tmp_path: Path) -> None:
     result = Trainer(unet(), SquaresTask(), {**FAST, "iterations": 1}, tmp_path, progress=False).fit()
     assert isinstance(result, TrainResult) and result.weights == tmp_path / "model.safetensors"
     assert result.weights.is_file()
+
+
+class SlowBatches(SquaresTask):
+    """Each batch takes 20 ms, so a time limit ends training long before its iteration count."""
+
+    def batches(self, seed: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in super().batches(seed, start):
+            time.sleep(0.02)
+            yield batch
+
+
+def test_time_limit_stops_training_with_validated_best_weights(tmp_path: Path) -> None:
+    cfg = {**FAST, "iterations": 10_000, "val_every": 1000, "log_every": 2, "time_limit_seconds": 0.5}
+    result = Trainer(unet(), SlowBatches(), cfg, tmp_path, progress=False).fit()
+    assert 2 <= result.iterations < 100
+    assert result.best_iteration == result.iterations  # the last step was validated before stopping
+    assert (tmp_path / "model.safetensors").is_file()
+    again = Trainer(unet(), SlowBatches(), cfg, tmp_path, progress=False).fit(resume=True)
+    assert again.iterations == result.iterations  # a run stopped by its time limit is finished

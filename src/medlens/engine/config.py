@@ -82,6 +82,8 @@ class TrainConfig:
         threads: torch CPU threads; None = one per available core (divided among local DDP processes).
         log_every: average the loss over, and log, this many iterations.
         param_groups: see :class:`ParamGroupsConfig`.
+        time_limit_seconds: stop (validate, checkpoint, keep the best weights) once training has used this
+            much wall time, even before ``iterations``; None = no limit. The planner sets it to the budget.
     """
 
     iterations: int = 1000
@@ -97,6 +99,7 @@ class TrainConfig:
     threads: int | None = None
     log_every: int = 10
     param_groups: ParamGroupsConfig = field(default_factory=ParamGroupsConfig)
+    time_limit_seconds: float | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "training") -> TrainConfig:
@@ -247,6 +250,7 @@ _CHECKS: dict[type, dict[str, Check]] = {
         "threads": _optional(_int(1)),
         "log_every": _int(1),
         "param_groups": _section(ParamGroupsConfig),
+        "time_limit_seconds": _optional(_float(0.0, open_low=True)),
     },
 }
 

@@ -95,6 +95,7 @@ class _State:
     best_iteration: int | None = None
     validations_since_best: int = 0
     stopped_early: bool = False
+    out_of_time: bool = False
     seconds: float = 0.0
     history: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {"train": [], "val": []})
 
@@ -216,13 +217,15 @@ class Trainer:
         window: list[float] = []
         window_start = time.monotonic()
         lrs: list[float] = []
-        while st.iteration < cfg.iterations and not st.stopped_early:
+        while st.iteration < cfg.iterations and not st.stopped_early and not st.out_of_time:
             lrs = apply_lr(self.optimizer, lr_factor(cfg.schedule, st.iteration, cfg.iterations))
             window.append(self._step(self._next_batch(batches)))
             st.iteration += 1
             for hook in self.hooks:
                 hook.on_step_end(self, st.iteration)
-            last = st.iteration == cfg.iterations
+            if cfg.time_limit_seconds is not None and st.iteration % cfg.log_every == 0:
+                st.out_of_time = self._time_is_up(st.seconds + time.monotonic() - started)
+            last = st.iteration == cfg.iterations or st.out_of_time
             if st.iteration % cfg.log_every == 0 or last:
                 s_per_it = (time.monotonic() - window_start) / len(window)
                 logs = {"loss": dist.mean(sum(window) / len(window)), "lr": lrs[0], "s_per_it": s_per_it}
@@ -286,6 +289,17 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return value
+
+    def _time_is_up(self, elapsed: float) -> bool:
+        """Rank 0 decides whether the time limit is reached; every rank learns the decision."""
+        limit = self.config.time_limit_seconds
+        up = bool(self.dist.broadcast(limit is not None and elapsed >= limit if self.dist.is_main else None))
+        if up:
+            log.warning(
+                "time limit of %.0f s reached at iteration %d of %d: stopping with the best weights so far",
+                limit, self._state.iteration, self.config.iterations,
+            )  # fmt: skip
+        return up
 
     def _validation_due(self, last: bool) -> bool:
         every = self.config.val_every
@@ -360,6 +374,7 @@ class Trainer:
                 "best_iteration": st.best_iteration,
                 "validations_since_best": st.validations_since_best,
                 "stopped_early": st.stopped_early,
+                "out_of_time": st.out_of_time,
                 "seconds": st.seconds,
                 "precision": self.precision,
                 "world_size": self.dist.world_size,
@@ -375,7 +390,7 @@ class Trainer:
             best = None
             if st.best_iteration == st.iteration:
                 best = {"iteration": st.iteration, "score_key": self.task.score_key, "score": st.best_score}
-            elif st.best_iteration is None and st.iteration == self.config.iterations:
+            elif st.best_iteration is None and (st.iteration == self.config.iterations or st.out_of_time):
                 best = {"iteration": st.iteration}  # nothing validated (or scored): the final weights
             ckpt.write_checkpoint(self.run_dir, self.model, self.optimizer, state, best=best)
             atomic_write_json(self.run_dir / "history.json", st.history)
@@ -416,6 +431,7 @@ class Trainer:
             best_iteration=state["best_iteration"],
             validations_since_best=state["validations_since_best"],
             stopped_early=state["stopped_early"],
+            out_of_time=bool(state.get("out_of_time", False)),
             seconds=state["seconds"],
             history=state["history"],
         )

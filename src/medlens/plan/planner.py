@@ -284,6 +284,8 @@ class Planner:
             "precision": self.precision,
             "seed": 0,
             "threads": self.threads,
+            # The estimate can be wrong (a busy machine, a slower disk): the engine also stops at the budget.
+            "time_limit_seconds": round(budget, 1),
         }
         estimates = {
             "train_seconds": round(iterations * seconds_per_iteration, 1),
