@@ -27,7 +27,9 @@ def test_help_does_not_import_heavy_libraries() -> None:
     assert out.stdout.strip() == ""
 
 
-@pytest.mark.parametrize("command", ["convert", "info", "sample", "dataset", "plan", "train", "predict", "demo"])
+@pytest.mark.parametrize(
+    "command", ["convert", "info", "sample", "dataset", "plan", "train", "predict", "demo"]
+)
 def test_every_command_has_help_with_an_example(command: str) -> None:
     out = run(command, "--help")
     assert out.returncode == 0, out.stderr

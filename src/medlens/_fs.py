@@ -51,11 +51,10 @@ def _umask() -> int:
 
 def atomic_write_bytes(final: str | Path, data: bytes) -> None:
     """Write ``data`` to ``final`` atomically (fsync'd before the rename)."""
-    with atomic_path(final) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+    with atomic_path(final) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def atomic_write_text(final: str | Path, text: str) -> None:
@@ -96,7 +95,9 @@ def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
 
     final = Path(final)
     if final.exists() and any(final.iterdir()) and not overwrite:
-        raise InputError(f"{final}: already exists and is not empty (choose another --out or pass --overwrite)")
+        raise InputError(
+            f"{final}: already exists and is not empty (choose another --out or pass --overwrite)"
+        )
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:

@@ -47,7 +47,10 @@ def _main(
 
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(
-        level=level, format="%(message)s", handlers=[RichHandler(show_path=False, show_time=False)], force=True
+        level=level,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, show_time=False)],
+        force=True,
     )
     for noisy in ("PIL", "matplotlib", "h5py", "numexpr", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -56,9 +59,13 @@ def _main(
 # ---- io -----------------------------------------------------------------------------------------------------
 @app.command()
 def convert(
-    src: Annotated[Path, typer.Argument(help="A DICOM series folder, DICOM/NIfTI/NRRD/MHA/PNG/JPEG/TIFF file or .npz.")],
+    src: Annotated[
+        Path, typer.Argument(help="A DICOM series folder, DICOM/NIfTI/NRRD/MHA/PNG/JPEG/TIFF file or .npz.")
+    ],
     out: Annotated[Path, typer.Argument(help="Output file: .nii.gz, .nii or .png.")],
-    series: Annotated[str | None, typer.Option(help="Series to take from a folder with several (UID, number or index).")] = None,
+    series: Annotated[
+        str | None, typer.Option(help="Series to take from a folder with several (UID, number or index).")
+    ] = None,
     index: Annotated[str | None, typer.Option(help="Image of an npz to take, e.g. 'train:12'.")] = None,
 ) -> None:
     """Convert any readable image to NIfTI or PNG, keeping its geometry.
@@ -101,7 +108,9 @@ def sample(
     out: Annotated[Path, typer.Option("--out", "-o", help="Dataset folder to create.")],
     subjects: Annotated[int | None, typer.Option(help="Number of simulated subjects.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same dataset).")] = 0,
-    task: Annotated[str | None, typer.Option(help="brain-lesion: classification, segmentation or detection.")] = None,
+    task: Annotated[
+        str | None, typer.Option(help="brain-lesion: classification, segmentation or detection.")
+    ] = None,
     dim: Annotated[int | None, typer.Option(help="2 for slices, 3 for volumes.")] = None,
     resolution: Annotated[float, typer.Option(help="Voxel size in mm.")] = 2.0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False,
@@ -113,7 +122,14 @@ def sample(
     from medlens.data.samples import build_sample
 
     ds = build_sample(
-        name, out, subjects=subjects, seed=seed, task=task, dim=dim, resolution=resolution, overwrite=overwrite
+        name,
+        out,
+        subjects=subjects,
+        seed=seed,
+        task=task,
+        dim=dim,
+        resolution=resolution,
+        overwrite=overwrite,
     )
     _echo(f"wrote {ds.root}: {len(ds.training)} training and {len(ds.test)} test cases ({ds.task})")
 
@@ -123,7 +139,9 @@ def dataset_import(
     kind: Annotated[str, typer.Argument(help="msd, nnunet, medmnist, folder or dicom.")],
     src: Annotated[Path, typer.Argument(help="The source folder or file.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Dataset folder to create.")],
-    labels_csv: Annotated[Path | None, typer.Option("--labels", help="dicom: CSV of labels and metadata.")] = None,
+    labels_csv: Annotated[
+        Path | None, typer.Option("--labels", help="dicom: CSV of labels and metadata.")
+    ] = None,
     label_column: Annotated[str, typer.Option(help="dicom: the CSV column holding the label.")] = "label",
     ordinal: Annotated[bool, typer.Option(help="medmnist: the classes are ordered grades.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False,
@@ -171,6 +189,122 @@ def dataset_fingerprint(
 
     path = write_fingerprint(root)
     _echo(f"wrote {path}")
+
+
+# ---- plan, train, predict --------------------------------------------------------------------------------------
+@app.command()
+def plan(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder (with dataset.json).")],
+    budget: Annotated[str, typer.Option(help="Training wall-clock budget: 90s, 10m, 1h.")] = "10m",
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Where to write plan.json (default DATASET/plan.json).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    measure: Annotated[
+        bool, typer.Option(help="Time real training steps (off: estimate from FLOPs).")
+    ] = True,
+) -> None:
+    """Plan a model for a dataset within a compute budget: writes an editable, versioned plan.json.
+
+    Example: medlens plan data/brain-tissue --budget 10m
+    """
+    from medlens.data.dataset import load_dataset
+    from medlens.data.fingerprint import compute_fingerprint
+    from medlens.plan.planner import make_plan
+
+    ds = load_dataset(dataset)
+    fp = compute_fingerprint(ds)
+    the_plan = make_plan(fp, task=ds.task, budget=budget, device=device, measure=measure)
+    path = the_plan.save(out or ds.root / "plan.json")
+    for reason in the_plan.reasons:
+        _echo(f"  - {reason}")
+    _echo(f"wrote {path} (default configuration: {the_plan.default_configuration})")
+
+
+@app.command()
+def train(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder (with dataset.json).")],
+    plan_path: Annotated[Path, typer.Option("--plan", help="plan.json from 'medlens plan'.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
+    fold: Annotated[
+        str, typer.Option(help="Fold number, a list like 0,1, or 'all' for cross-validation.")
+    ] = "0",
+    configuration: Annotated[
+        str | None, typer.Option(help="Plan configuration (default: the plan's).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue an interrupted run from its last checkpoint.")
+    ] = False,
+    cache: Annotated[Path | None, typer.Option(help="Preprocessed cache folder (default RUN/cache).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Train the planned model on one fold, several, or all (cross-validation). Multi-GPU/multi-node: torchrun.
+
+    Example: medlens train data/brain-tissue --plan data/brain-tissue/plan.json --fold 0 --out runs/bt
+    """
+    from medlens.tasks.run import train as do_train
+
+    results = do_train(
+        dataset,
+        plan_path,
+        out,
+        fold=fold,
+        configuration=configuration,
+        resume=resume,
+        cache_dir=cache,
+        device=device,
+    )
+    for r in results:
+        score = "n/a" if r.best_score is None else f"{r.best_score:.4f}"
+        _echo(
+            f"fold {r.fold}: best validation score {score} after {r.iterations} iterations ({r.seconds:.0f} s)"
+        )
+    _echo(f"run: {out}")
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run directory from 'medlens train'.")],
+    src: Annotated[
+        Path, typer.Argument(help="A NIfTI/NRRD/MHA file, a DICOM series folder, or a folder of them.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for label maps.")],
+    tta: Annotated[bool, typer.Option(help="Mirroring test-time augmentation (slower).")] = False,
+    probabilities: Annotated[bool, typer.Option(help="Also write per-class probability maps.")] = False,
+    series: Annotated[
+        str | None, typer.Option(help="Series to take from a DICOM folder with several.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Segment images with a trained run; label maps come back in each input's exact geometry.
+
+    Example: medlens predict runs/bt scans/ --out predictions/
+    """
+    from medlens.serve import load_predictor
+
+    predictor = load_predictor(run, device=device)
+    paths = predictor.predict_path(src, out, tta=tta, probabilities=probabilities, series=series)
+    for p in paths:
+        _echo(f"wrote {p}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the data, run and report.")] = Path(
+        "medlens-demo"
+    ),
+    budget: Annotated[str, typer.Option(help="Training budget for the segmentation model.")] = "4m",
+    subjects: Annotated[int | None, typer.Option(help="Simulated subjects in brain-tissue.")] = None,
+) -> None:
+    """The main job: sample data -> plan -> train -> predict held-out subjects -> evaluate -> HTML report.
+
+    Example: medlens demo --out medlens-demo
+    """
+    from medlens.demo import run_demo
+
+    result = run_demo(out, budget=budget, subjects=subjects)
+    _echo(f"report: {result.report}")
+    _echo(f"mean Dice on {result.num_test} held-out subjects: {result.mean_dice:.3f}")
 
 
 # ---- entry point -----------------------------------------------------------------------------------------------
