@@ -176,7 +176,9 @@ class Predictor:
         label_img = Image(label_arr[None], image.affine.copy(), modality="SEG", meta={"source": source})
         prob_img = None
         if probabilities:
-            prob_arr = invert(probs.numpy(), pinfo, is_label=False)
+            # Outside the cropped region the image was empty: background with certainty.
+            fg = invert(probs.numpy()[1:], pinfo, is_label=False, fill=0.0)
+            prob_arr = np.concatenate([1.0 - fg.sum(0, keepdims=True), fg])
             prob_img = Image(
                 prob_arr.astype(np.float32), image.affine.copy(), modality="OT", meta={"source": source}
             )

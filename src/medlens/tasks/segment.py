@@ -145,7 +145,7 @@ def postprocessing_effect(
     pred: np.ndarray, truth: np.ndarray, num_classes: int, class_names: Sequence[str]
 ) -> dict[str, list[float]]:
     """Per class, the validation Dice ``[without, with]`` keeping only the largest component (one case)."""
-    t = torch.from_numpy(np.asarray(truth))
+    t = torch.from_numpy(np.array(truth))
     before = dice_per_class(torch.from_numpy(pred), t, num_classes)
     out = {}
     for k in range(1, num_classes):
