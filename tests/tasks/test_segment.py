@@ -133,3 +133,24 @@ def test_postprocessing_is_kept_only_where_it_raises_dice() -> None:
     decisions, reasons = decide_postprocessing(effects)
     assert decisions == {"liver": True, "vessels": False}
     assert "0.7500 -> 0.7850" in reasons[0]
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_train_one_run(tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2 medlens train``: gloo DDP, rank 0 alone writes the run."""
+    import socket
+    import subprocess
+    import sys
+
+    ds = make_blob_dataset(tmp_path / "ds", n_train=6, n_test=0, shape=(16, 16, 12))
+    plan = quick_plan(ds, tmp_path / "plan.json", iterations=20, val_every=10)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    cmd += ["-m", "medlens.cli", "-q", "train", str(ds.root), "--plan", str(plan), "--out", str(tmp_path / "run")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    config = json.loads((tmp_path / "run" / "fold_0" / "config.json").read_text())
+    assert config["world_size"] == 2
+    assert read_run(tmp_path / "run")["folds"] == [0]

@@ -127,3 +127,20 @@ class DistContext:
             if dist.is_initialized():
                 dist.destroy_process_group()
             self.owns_group = False
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of a distributed job (safe before the group is joined)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def barrier() -> None:
+    """Wait for every rank when a process group is joined; a no-op otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -154,7 +154,7 @@ def train(
         One :class:`TrainedFold` per fold trained.
     """
     from medlens.data.dataset import load_dataset
-    from medlens.data.splits import make_folds, splits_json
+    from medlens.data.splits import make_folds
     from medlens.plan.plan import Plan
 
     dataset = load_dataset(dataset_dir)
@@ -174,8 +174,41 @@ def train(
         clash = [f for f in wanted if f in prior.get("folds", [])]
         if clash:
             raise RunError(f"{out}: fold(s) {clash} are already trained here; use --resume or another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    plan.save(out / "plan.json")
+    from medlens.engine import device_for
+    from medlens.engine.distributed import DistContext
+
+    # Under torchrun, join the process group now: rank 0 alone writes the run's files and builds the cache.
+    dist = DistContext.from_env(device_for(device))
+    try:
+        return _train_folds(
+            dataset, plan, name, config, folds, wanted, out, existing, cache_dir, resume, progress, device,
+            dict(options or {}), dist.is_main,
+        )  # fmt: skip
+    finally:
+        dist.close()
+
+
+def _train_folds(
+    dataset: Any,
+    plan: Any,
+    name: str,
+    config: Any,
+    folds: list[Any],
+    wanted: list[int],
+    out: Path,
+    existing: bool,
+    cache_dir: str | Path | None,
+    resume: bool,
+    progress: bool,
+    device: str,
+    options: dict[str, Any],
+    is_main: bool,
+) -> list[TrainedFold]:
+    from medlens.data.splits import splits_json
+
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        plan.save(out / "plan.json")
     info = read_run(out) if existing else _new_run_info(dataset, plan, name, splits_json(folds))
 
     module = task_module(dataset.task, dataset.root)
@@ -191,7 +224,7 @@ def train(
             resume=resume,
             progress=progress,
             device=device,
-            options=dict(options or {}),
+            options=options,
         )
         results.append(outcome.trained)
         info["folds"] = sorted({*info.get("folds", []), f})
@@ -201,9 +234,10 @@ def train(
             "seconds": round(outcome.trained.seconds, 1),
             "val_cases": list(fold_obj.val),
         }
-        info.setdefault("validation", {}).update(outcome.validation)
-        info.update(module.decide(info["validation"], dict(options or {})))
-        write_run(out, info)
+        if is_main:
+            info.setdefault("validation", {}).update(outcome.validation)
+            info.update(module.decide(info["validation"], options))
+            write_run(out, info)
     return results
 
 

@@ -51,12 +51,18 @@ def train_fold(
         post-processing (see :func:`decide`).
     """
     from medlens.engine import Trainer, configure_threads, seed_everything
+    from medlens.engine.distributed import barrier, is_main_process
     from medlens.models import create_model
     from medlens.plan.cache import build_cache
     from medlens.tasks.segment import SegmentationTask, postprocessing_effect
 
     configure_threads(config["training"].get("threads"))
-    cache = build_cache(dataset, config, cache_dir, case_ids=[*fold.train, *fold.val], progress=progress)
+    main = is_main_process()
+    ids = [*fold.train, *fold.val]
+    if main:  # under torchrun rank 0 builds the cache; the others then find it valid and only read it
+        build_cache(dataset, config, cache_dir, case_ids=ids, progress=progress)
+    barrier()
+    cache = build_cache(dataset, config, cache_dir, case_ids=ids, progress=False)
     names = class_names(dataset.labels)
     num_classes = len(names) + 1
     seed = int(config["training"].get("seed", 0))
@@ -74,7 +80,7 @@ def train_fold(
     )
     model.eval()
     effects = {}
-    for cid in fold.val:
+    for cid in fold.val if main else ():
         seg = cache.seg(cid)
         if seg is None:
             continue
