@@ -68,10 +68,15 @@ class Predictor:
         self.num_channels = max(len(info["dataset"].get("channels") or {}), 1)
         self.modalities = {int(k): v for k, v in (info["dataset"].get("modalities") or {}).items()}
         self.precision = "fp32"
+        self.backend = "torch"
 
     @classmethod
     def from_run(
-        cls, run_dir: str | Path, folds: Sequence[int] | None = None, device: str = "auto"
+        cls,
+        run_dir: str | Path,
+        folds: Sequence[int] | None = None,
+        device: str = "auto",
+        backend: str = "auto",
     ) -> Predictor:
         """Load a run directory (``run.json``, ``plan.json``, ``fold_K/model.safetensors``); nothing is unpickled.
 
@@ -79,12 +84,17 @@ class Predictor:
             run_dir: the run.
             folds: which folds to ensemble (default: every trained fold).
             device: "auto" (CUDA if present), "cpu" or "cuda".
+            backend: "torch" (PyTorch, the plan's precision), "onnx" (ONNX Runtime fp32 on ``fold_K/model.onnx``,
+                exported from the weights if missing or stale) or "auto": the backend training measured as faster
+                on this kind of device (``inference_backend`` in ``run.json``), else torch.
         """
         from medlens.engine import device_for, load_weights, resolve_precision
         from medlens.models import create_model
         from medlens.plan.plan import Plan
+        from medlens.serve.backends import check_backend
         from medlens.tasks.run import fold_dirs, read_run
 
+        check_backend(backend)
         run_dir = Path(run_dir)
         info = read_run(run_dir)
         if info.get("task") != "segmentation":
@@ -92,7 +102,8 @@ class Predictor:
         plan = Plan.load(run_dir / "plan.json")
         config = plan.configuration(info["configuration"])
         dev = device_for(device)
-        models = []
+        chosen = _resolve_backend(backend, info, dev, run_dir)
+        models: list[Any] = []
         for d in fold_dirs(run_dir, info, folds):
             model = create_model(
                 dict(config["network"]),
@@ -101,9 +112,21 @@ class Predictor:
                 out_channels=len(info["dataset"]["labels"]),
             )
             load_weights(model, d / "model.safetensors")
-            models.append(model.to(dev).eval())
+            if chosen == "onnx":
+                from medlens.serve.backends import OnnxBackend
+                from medlens.serve.run_export import example_shape_for, onnx_for_fold
+
+                shape = example_shape_for(config, max(len(info["dataset"].get("channels") or {}), 1))
+                models.append(OnnxBackend(onnx_for_fold(d, model, shape), dev))
+            else:
+                models.append(model.to(dev).eval())
         pred = cls(run_dir, info, config, models, dev)
-        pred.precision = resolve_precision(str(config["training"].get("precision", "auto")), dev)
+        pred.backend = chosen
+        pred.precision = (
+            "fp32"
+            if chosen == "onnx"
+            else resolve_precision(str(config["training"].get("precision", "auto")), dev)
+        )
         return pred
 
     # ---- one image -------------------------------------------------------------------------------------------
@@ -215,6 +238,26 @@ class Predictor:
             log.info("%s -> %s (%.1f s)", path, target, result.seconds)
             written.append(target)
         return written
+
+
+def _resolve_backend(backend: str, info: dict[str, Any], device: Any, run_dir: Path) -> str:
+    """The backend to use: an explicit "torch"/"onnx", or for "auto" the one training measured as faster."""
+    from medlens.serve.backends import onnx_available
+
+    if backend == "onnx":
+        if not onnx_available():
+            raise InputError(
+                "backend 'onnx' needs onnxruntime and onnx (pip install onnxruntime onnx), or use 'torch'"
+            )
+        return "onnx"
+    if backend == "torch":
+        return "torch"
+    record = info.get("inference_backend") or {}
+    measured_on = str(record.get("device", "")).split(":")[0]
+    if record.get("choice") == "onnx" and measured_on == device.type and onnx_available():
+        log.info("%s: using ONNX Runtime (%s)", run_dir, record.get("reason", "measured faster"))
+        return "onnx"
+    return "torch"
 
 
 def discover_inputs(src: Path, series: str | None = None) -> list[tuple[str, Path, str | None]]:

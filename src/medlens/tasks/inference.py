@@ -40,7 +40,8 @@ def sliding_window_logits(
     """Softmax probabilities of ``model`` over a whole case.
 
     Args:
-        model: maps ``(B, C, *patch)`` to ``(B, K, *patch)`` logits.
+        model: maps ``(B, C, *patch)`` to ``(B, K, *patch)`` logits: a module, or any callable such as an
+            ONNX Runtime backend (:mod:`medlens.serve.backends`).
         data: ``(C, *spatial)`` float tensor on the preprocessed grid.
         patch_size: the window (the training patch).
         overlap: fraction of window overlap; windows are blended with a Gaussian weight.
@@ -58,7 +59,8 @@ def sliding_window_logits(
 
     if device is None:
         params = list(model.parameters()) if isinstance(model, nn.Module) else []
-        device = params[0].device if params else torch.device("cpu")
+        # A backend object (medlens.serve.backends) says where it runs; other callables run on the CPU.
+        device = params[0].device if params else getattr(model, "device", None) or torch.device("cpu")
     x = data[None].to(device=device, dtype=torch.float32)
     if slice_axis is not None:  # (1, C, *3d) -> (S, C, *2d): slices become the batch
         x = torch.movedim(x[0], slice_axis + 1, 0)

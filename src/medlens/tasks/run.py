@@ -32,7 +32,10 @@ RUN_FILE = "run.json"
 
 
 #: Task name -> module implementing ``train_fold(...) -> FoldOutcome`` and ``decide(validation, options)``.
-TASK_MODULES = {"segmentation": "medlens.tasks.segment_train"}
+TASK_MODULES = {
+    "segmentation": "medlens.tasks.segment_train",
+    "classification": "medlens.tasks.classify_train",
+}
 
 
 class TaskTrainer(Protocol):
@@ -72,6 +75,8 @@ class FoldOutcome:
 
     trained: TrainedFold
     validation: dict[str, Any] = field(default_factory=dict)
+    #: Run-level facts measured on this fold, merged into run.json (e.g. ``inference_backend``).
+    run_info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -236,6 +241,7 @@ def _train_folds(
         }
         if is_main:
             info.setdefault("validation", {}).update(outcome.validation)
+            info.update(outcome.run_info)
             info.update(module.decide(info["validation"], options))
             write_run(out, info)
     return results

@@ -44,11 +44,12 @@ def train_fold(
         resume: continue from the fold's last checkpoint.
         progress: rich progress bars.
         device: "auto", "cpu" or "cuda".
-        options: none are used by segmentation.
+        options: ``measure_backends`` (default true): after training, export ``fold_K/model.onnx`` and time
+            PyTorch against ONNX Runtime on one validation case (``inference_backend`` in run.json).
 
     Returns:
         The trained fold and, per validation case, the Dice with and without largest-component
-        post-processing (see :func:`decide`).
+        post-processing (see :func:`decide`); as run information, the measured inference backend.
     """
     from medlens.engine import Trainer, configure_threads, seed_everything
     from medlens.engine.distributed import barrier, is_main_process
@@ -93,7 +94,25 @@ def train_fold(
         iterations=result.iterations,
         seconds=result.seconds,
     )
-    return FoldOutcome(trained=trained, validation=effects)
+    run_info = {}
+    if main and fold.val and (options or {}).get("measure_backends", True):
+        run_info["inference_backend"] = _measure_backends(run_dir, model, config, cache, fold.val[0], device)
+    return FoldOutcome(trained=trained, validation=effects, run_info=run_info)
+
+
+def _measure_backends(
+    run_dir: Path, model: Any, config: Mapping[str, Any], cache: Any, case_id: str, device: str
+) -> dict[str, Any]:
+    """Export ``fold_K/model.onnx`` and time PyTorch vs ONNX Runtime on one validation case (run.json record)."""
+    from medlens.serve.backends import measure_fold
+
+    try:
+        return measure_fold(
+            run_dir, model, config, np.asarray(cache.data(case_id)), case_id=case_id, device=device
+        )
+    except Exception as exc:  # a speed measurement must never cost a trained fold its run.json entry
+        log.warning("could not measure ONNX Runtime against PyTorch (%s); predictions use PyTorch", exc)
+        return {"choice": "torch", "reason": f"measurement failed: {exc}"}
 
 
 def decide(validation: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
