@@ -218,6 +218,8 @@ def test_time_limit_stops_training_with_validated_best_weights(tmp_path: Path) -
     result = Trainer(unet(), SlowBatches(), cfg, tmp_path, progress=False).fit()
     assert 2 <= result.iterations < 100
     assert result.best_iteration == result.iterations  # the last step was validated before stopping
+    # The schedule followed time, not the unreachable 10,000 steps: the learning rate was annealed.
+    assert result.history["train"][-1]["lr"] < 0.3 * FAST["optimizer"]["lr"]
     assert (tmp_path / "model.safetensors").is_file()
     again = Trainer(unet(), SlowBatches(), cfg, tmp_path, progress=False).fit(resume=True)
     assert again.iterations == result.iterations  # a run stopped by its time limit is finished

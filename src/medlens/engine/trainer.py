@@ -151,6 +151,7 @@ class Trainer:
         self._state = _State()
         self.hooks: list[Hook] = []
         self.precision = "fp32"
+        self._time_step = 0  # the iteration the elapsed fraction of the time limit corresponds to
 
     # ---- read-only views for hooks ---------------------------------------------------------------------------
     @property
@@ -218,7 +219,10 @@ class Trainer:
         window_start = time.monotonic()
         lrs: list[float] = []
         while st.iteration < cfg.iterations and not st.stopped_early and not st.out_of_time:
-            lrs = apply_lr(self.optimizer, lr_factor(cfg.schedule, st.iteration, cfg.iterations))
+            # Under a time limit the schedule follows whichever is further along, iterations or time, so a
+            # run cut short by a slow machine still ends with its learning rate annealed.
+            step = max(st.iteration, min(self._time_step, cfg.iterations - 1))
+            lrs = apply_lr(self.optimizer, lr_factor(cfg.schedule, step, cfg.iterations))
             window.append(self._step(self._next_batch(batches)))
             st.iteration += 1
             for hook in self.hooks:
@@ -291,9 +295,13 @@ class Trainer:
         return value
 
     def _time_is_up(self, elapsed: float) -> bool:
-        """Rank 0 decides whether the time limit is reached; every rank learns the decision."""
+        """Rank 0 decides whether the time limit is reached, and how far along in time training is; every
+        rank learns both (so the learning rate stays identical across ranks)."""
         limit = self.config.time_limit_seconds
-        up = bool(self.dist.broadcast(limit is not None and elapsed >= limit if self.dist.is_main else None))
+        decision = None
+        if self.dist.is_main and limit is not None:
+            decision = (elapsed >= limit, int(self.config.iterations * elapsed / limit))
+        up, self._time_step = self.dist.broadcast(decision)
         if up:
             log.warning(
                 "time limit of %.0f s reached at iteration %d of %d: stopping with the best weights so far",
