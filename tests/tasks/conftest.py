@@ -22,9 +22,7 @@ def oblique_affine(spacing: tuple[float, float, float], angle: float = 0.3) -> n
     return aff
 
 
-def blob_case(
-    rng: np.random.Generator, shape: tuple[int, ...], affine: np.ndarray
-) -> tuple[Image, Image]:
+def blob_case(rng: np.random.Generator, shape: tuple[int, ...], affine: np.ndarray) -> tuple[Image, Image]:
     """An image with 1-2 bright ellipsoids (label 1) and one dimmer cube (label 2) in Gaussian noise."""
     grid = np.indices(shape).astype(np.float32)
     label = np.zeros(shape, np.uint8)

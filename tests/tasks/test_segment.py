@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_blob_dataset, quick_plan
 
+from conftest import make_blob_dataset, quick_plan
 from medlens.data.dataset import Dataset, read_case_image
 from medlens.errors import InputError, RunError
 from medlens.evaluate.segmentation import segmentation_metrics
@@ -21,7 +21,9 @@ from medlens.tasks.segment import SegmentationTask, decide_postprocessing, keep_
 CLASSES = {"blob": 1, "cube": 2}
 
 
-def test_3d_model_beats_chance_and_predicts_in_the_oblique_input_geometry(trained3d: tuple[Dataset, Path]) -> None:
+def test_3d_model_beats_chance_and_predicts_in_the_oblique_input_geometry(
+    trained3d: tuple[Dataset, Path],
+) -> None:
     ds, run = trained3d
     predictor = Predictor.from_run(run)
     for case in ds.test:
@@ -48,7 +50,9 @@ def test_run_records_folds_split_and_postprocessing(trained3d: tuple[Dataset, Pa
     assert (run / "fold_0" / "model.safetensors").is_file() and (run / "plan.json").is_file()
 
 
-def test_predict_path_writes_label_maps_with_probabilities(trained3d: tuple[Dataset, Path], tmp_path: Path) -> None:
+def test_predict_path_writes_label_maps_with_probabilities(
+    trained3d: tuple[Dataset, Path], tmp_path: Path
+) -> None:
     ds, run = trained3d
     src = ds.path(ds.test[0].image[0])
     written = Predictor.from_run(run).predict_path(src, tmp_path / "out", probabilities=True)
@@ -67,7 +71,7 @@ def test_predict_refuses_an_image_with_the_wrong_channels(trained3d: tuple[Datas
     with pytest.raises(InputError, match=r"two.nii.gz: has 2 channel\(s\); this model was trained on 1"):
         Predictor.from_run(run).predict(two)
     ct = Image(image.array, image.affine, modality="CT", meta={"source": "ct.dcm"})
-    with pytest.raises(InputError, match="ct.dcm: modality CT; this model was trained on MR"):
+    with pytest.raises(InputError, match=r"ct\.dcm: modality CT; this model was trained on MR"):
         Predictor.from_run(run).predict(ct)
 
 
@@ -148,7 +152,17 @@ def test_torchrun_two_cpu_processes_train_one_run(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    cmd += ["-m", "medlens.cli", "-q", "train", str(ds.root), "--plan", str(plan), "--out", str(tmp_path / "run")]
+    cmd += [
+        "-m",
+        "medlens.cli",
+        "-q",
+        "train",
+        str(ds.root),
+        "--plan",
+        str(plan),
+        "--out",
+        str(tmp_path / "run"),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     config = json.loads((tmp_path / "run" / "fold_0" / "config.json").read_text())
