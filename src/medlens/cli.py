@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +28,8 @@ app = typer.Typer(
 )
 dataset_app = typer.Typer(help="Import, check and fingerprint datasets.", no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
+bench_app = typer.Typer(help="Benchmarks against published results.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 _state = {"debug": False}
 log = logging.getLogger("medlens")
@@ -35,6 +39,21 @@ def _echo(msg: str) -> None:
     from rich.console import Console
 
     Console(highlight=False).print(msg)
+
+
+@contextmanager
+def _progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar with ETA, driven by the ``progress(done, total)`` callbacks of the library."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=False, disable=logging.getLogger().level > logging.INFO) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
 
 
 @app.callback()
@@ -121,16 +140,18 @@ def sample(
     """
     from medlens.data.samples import build_sample
 
-    ds = build_sample(
-        name,
-        out,
-        subjects=subjects,
-        seed=seed,
-        task=task,
-        dim=dim,
-        resolution=resolution,
-        overwrite=overwrite,
-    )
+    with _progress(f"simulating {name}") as progress:
+        ds = build_sample(
+            name,
+            out,
+            subjects=subjects,
+            seed=seed,
+            task=task,
+            dim=dim,
+            resolution=resolution,
+            overwrite=overwrite,
+            progress=progress,
+        )
     _echo(f"wrote {ds.root}: {len(ds.training)} training and {len(ds.test)} test cases ({ds.task})")
 
 
@@ -157,7 +178,8 @@ def dataset_import(
         options.update(labels_csv=labels_csv, label_column=label_column)
     if kind == "medmnist":
         options["ordinal"] = ordinal
-    ds = import_dataset(kind, src, out, **options)
+    with _progress(f"importing {kind}") as progress:
+        ds = import_dataset(kind, src, out, progress=progress, **options)
     _echo(f"wrote {ds.root}: {len(ds.training)} training and {len(ds.test)} test cases ({ds.task})")
 
 
@@ -171,7 +193,8 @@ def dataset_check(
     """
     from medlens.data.check import check_dataset
 
-    report = check_dataset(root)
+    with _progress("checking") as progress:
+        report = check_dataset(root, progress=progress)
     _echo(report.to_text())
     if not report.ok:
         raise typer.Exit(1)
@@ -187,7 +210,8 @@ def dataset_fingerprint(
     """
     from medlens.data.fingerprint import write_fingerprint
 
-    path = write_fingerprint(root)
+    with _progress("fingerprinting") as progress:
+        path = write_fingerprint(root, progress=progress)
     _echo(f"wrote {path}")
 
 
@@ -237,6 +261,13 @@ def train(
     ] = False,
     cache: Annotated[Path | None, typer.Option(help="Preprocessed cache folder (default RUN/cache).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    sensitivity: Annotated[
+        float | None,
+        typer.Option(
+            help="Classification: choose the decision threshold reaching this validation sensitivity "
+            "(e.g. 0.95) instead of Youden's J."
+        ),
+    ] = None,
 ) -> None:
     """Train the planned model on one fold, several, or all (cross-validation). Multi-GPU/multi-node: torchrun.
 
@@ -253,6 +284,7 @@ def train(
         resume=resume,
         cache_dir=cache,
         device=device,
+        options={} if sensitivity is None else {"sensitivity": sensitivity},
     )
     for r in results:
         score = "n/a" if r.best_score is None else f"{r.best_score:.4f}"
@@ -275,17 +307,46 @@ def predict(
         str | None, typer.Option(help="Series to take from a DICOM folder with several.")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    backend: Annotated[
+        str,
+        typer.Option(help="auto (the one training measured as faster), torch or onnx (ONNX Runtime)."),
+    ] = "auto",
 ) -> None:
-    """Segment images with a trained run; label maps come back in each input's exact geometry.
+    """Apply a trained run: segmentation label maps in each input's exact geometry, or a classification's
+    classes, probabilities and threshold as OUT/predictions.csv and OUT/predictions.json.
 
     Example: medlens predict runs/bt scans/ --out predictions/
     """
     from medlens.serve import load_predictor
 
-    predictor = load_predictor(run, device=device)
+    predictor = load_predictor(run, device=device, backend=backend)
     paths = predictor.predict_path(src, out, tta=tta, probabilities=probabilities, series=series)
     for p in paths:
         _echo(f"wrote {p}")
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run directory from 'medlens train'.")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
+    fold: Annotated[str, typer.Option(help="Fold number, a list like 0,1, or 'all'.")] = "all",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Folder for fold_K.onnx/.ts (default: RUN/fold_K/model.onnx/.ts)."),
+    ] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 17,
+    tolerance: Annotated[
+        float, typer.Option(help="Largest accepted |logit difference| from PyTorch.")
+    ] = 1e-3,
+) -> None:
+    """Export a run's networks to ONNX or TorchScript, checked against PyTorch on random and real inputs.
+
+    Example: medlens export runs/bt --format onnx
+    """
+    from medlens.serve.run_export import export_run
+
+    for result in export_run(run, fmt, fold=fold, out_dir=out, opset=opset, tolerance=tolerance):
+        _echo(f"wrote {result.path}: {result.check.summary()}")
 
 
 @app.command()
@@ -305,6 +366,54 @@ def demo(
     result = run_demo(out, budget=budget, subjects=subjects)
     _echo(f"report: {result.report}")
     _echo(f"mean Dice on {result.num_test} held-out subjects: {result.mean_dice:.3f}")
+
+
+# ---- benchmarks ------------------------------------------------------------------------------------------------
+@bench_app.command("medmnist")
+def bench_medmnist(
+    npz: Annotated[
+        Path, typer.Option("--npz", help="A MedMNIST .npz (e.g. pathmnist.npz, organmnist3d_64.npz).")
+    ],
+    budget: Annotated[str, typer.Option(help="Training wall-clock budget: 90s, 5m, 1h.")] = "5m",
+    size: Annotated[
+        int | None,
+        typer.Option(help="Network input size (default: the planner's; the file's own for MedMNIST)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Keep the run here (default: a temporary folder).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Train on a MedMNIST file's train split (selecting on val), test once, and print ACC/AUC next to the
+    published MedMNIST v2 ResNet-18 results.
+
+    Example: medlens bench medmnist --npz pathmnist.npz --budget 5m
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from medlens.tasks.medmnist import PUBLISHED_SOURCE
+    from medlens.tasks.medmnist import bench_medmnist as run_bench
+
+    result = run_bench(npz, budget=budget, size=size, out=out, device=device)
+    table = Table(title=f"{result.dataset} ({result.classification_type}), test set, MedMNIST's ACC and AUC")
+    for col in ("method", "AUC [95% CI]", "ACC [95% CI]"):
+        table.add_column(col)
+    for row in result.table():
+        table.add_row(*row)
+    Console().print(table)
+    if not result.published:
+        _echo(
+            "no published results for this file name (MedMNIST names: pathmnist.npz, chestmnist_64.npz, ...)"
+        )
+    _echo(f"published: {PUBLISHED_SOURCE}")
+    s = result.seconds
+    _echo(
+        f"time: {s['total']:.0f} s (training {s['train']:.0f} s, {result.train_images_per_second:.0f} images/s; "
+        f"preprocessing {s['preprocess']:.0f} s; test {s['test']:.0f} s)"
+    )
+    if out is not None:
+        _echo(f"run: {out} (apply it with 'medlens predict {out} IMAGE --out DIR')")
 
 
 # ---- entry point -----------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Schema (version 1, ``fingerprint.json`` in the dataset folder). The planner reli
      "intensity": {"0": {"mean", "std", "median", "p00_5", "p99_5", "min", "max"}},
      "classes": {"names": {"0": "background"}, "voxel_fraction": {"1": f}, "cases_with_class": {"1": k}}
               | {"names": ..., "counts": {"0": n0, "1": n1}}, # classification (multilabel: positives)
+     "classification_type": "binary" | "multiclass" | "multilabel" | "ordinal",  # classification only
      "sites": {"A": 10}, "patients": n_patients,
      "cases": [{"id", "patient_id", "shape", "spacing", "site", "shape_after_crop", ...}]}
 
@@ -156,6 +157,8 @@ def compute_fingerprint(
         else {},
         "patients": len({c.patient_id for c in cases}),
     }
+    if dataset.task == "classification":
+        fp["classification_type"] = dataset.classification_type
     if dataset.task == "detection":
         fp["boxes"] = _box_stats(cases, ndim)
     fp["cases"] = rows

@@ -309,7 +309,7 @@ def make_plan(
 
     Args:
         fingerprint: from :func:`medlens.data.fingerprint.compute_fingerprint`.
-        task: the task family (``"segmentation"``).
+        task: the task family (``"segmentation"`` or ``"classification"``).
         budget: wall time for training incl. validation: ``"10m"``, ``"90s"``, ``"1h"``.
         device: ``"auto"`` (CUDA if present), ``"cpu"`` or ``"cuda"``.
         overrides: replace rule outputs, e.g. ``{"target_spacing": [1, 1, 1], "network": {"num_res_units": 2}}``
@@ -323,9 +323,13 @@ def make_plan(
         PlanError: unknown task or override, a fingerprint without what the rules need, or no configuration
             that fits the machine's memory (raised here, before any training).
     """
+    from medlens.plan.classification import ClassificationPlanner
     from medlens.plan.segmentation import SegmentationPlanner
 
-    planners: dict[str, type[Planner]] = {"segmentation": SegmentationPlanner}
+    planners: dict[str, type[Planner]] = {
+        "segmentation": SegmentationPlanner,
+        "classification": ClassificationPlanner,
+    }
     if task not in planners:
         raise PlanError(
             f"no planner for task {task!r}.{did_you_mean(task, list(planners))} Available: {', '.join(planners)}."

@@ -221,7 +221,13 @@ PREPROCESSING = Obj(
     }
 )
 
-SAMPLING = Obj({"oversample_foreground": _P, "slice_axis": Nullable(Int(0, 2))})
+SAMPLING = Obj(
+    {
+        "oversample_foreground": _P,
+        "slice_axis": Nullable(Int(0, 2)),
+        "balanced": Bool(),  # classification: draw batches class-balanced
+    }
+)
 
 INFERENCE = Obj(
     {
@@ -237,11 +243,12 @@ INFERENCE = Obj(
 
 LOSS = Obj(
     {
-        "name": Str(("dice_ce", "dice", "ce")),
+        "name": Str(("dice_ce", "dice", "ce", "bce", "coral")),  # bce, coral: classification
         "include_background": Bool(),
         "batch_dice": Bool(),
         "lambda_dice": Num(0.0),
         "lambda_ce": Num(0.0),
+        "class_weights": List(Num(0.0, open_low=True), expected="expected a list of positive weights"),
     },
     required=("name",),
 )
