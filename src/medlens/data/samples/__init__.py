@@ -114,7 +114,7 @@ def build_sample(
         raise unknown_name("sample dataset", name, list(SAMPLES))
     task = info.default_task if task is None else task
     if task not in info.tasks:
-        raise unknown_name(f"task for sample {name!r}", str(task), list(info.tasks))
+        raise unknown_name(f"{name} task", str(task), list(info.tasks))
     dim = info.default_dim[task] if dim is None else dim
     if isinstance(dim, bool) or dim not in (2, 3):
         raise InputError(f"dim={dim!r}: use 2 (axial slices) or 3 (volumes)")

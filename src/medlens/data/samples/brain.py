@@ -1,9 +1,10 @@
 """Simulated subjects and scanners: the template, deformed per subject, then "acquired" at a site.
 
 A subject is the template (:mod:`medlens.data.samples.template`) moved by a random affine transform (small
-rotation, per-axis scaling within +-8%, heads of men 2% larger on average) composed with a smooth, low-frequency
-elastic displacement (a cubic-spline interpolated grid of random control-point displacements). The T1, the
-tissue probabilities and the brain mask are all sampled through the same transform, so labels stay exact.
+rotation, per-axis scaling within +-8%; men's heads 2% larger and women's 2% smaller than the template on
+average) composed with a smooth, low-frequency elastic displacement (a cubic-spline interpolated grid of
+random control-point displacements). The T1, the tissue probabilities and the brain mask are all sampled
+through the same transform, so labels stay exact.
 
 Acquisition at a site applies, in physical order:
 

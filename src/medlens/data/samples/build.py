@@ -58,7 +58,7 @@ _SIMULATION_TEXT = (
     "nilearn) under a random affine (rotation, +-8% scaling) and smooth elastic deformation, imaged as a "
     "skull-stripped T1 by one of three simulated scanner sites (site-A, site-B, site-C) that differ in "
     "tissue contrast, noise level, resolution and intensity scale, with a smooth bias field and Rician noise. "
-    "Sex and age are random and do not influence the images."
+    "Sex and age are random; sex changes only the head size (men 4% larger on average), age nothing."
 )
 
 
