@@ -129,7 +129,9 @@ def trace_cost(
     with torch.device("meta"):
         model = _build(spec, spatial_dims, in_channels, out_channels)
         params.update(id(p) for p in model.parameters())
-        x = torch.empty(1, in_channels, *[int(p) for p in patch_size])
+        # Batch 2, halved below: batch norm in training mode refuses one value per channel, which a
+        # classifier's 1x1 bottleneck of a small image would give with a batch of 1.
+        x = torch.empty(2, in_channels, *[int(p) for p in patch_size])
         with (
             FlopCounterMode(display=False) as counter,
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
@@ -137,8 +139,8 @@ def trace_cost(
             model(x)
     param_bytes = sum(p.numel() * 4 for p in model.parameters())
     # backward of a convolution costs two forwards (input and weight gradients): tracing it is not needed
-    flops = 3.0 * counter.get_total_flops()
-    return StepCost(flops, float(saved[0]), float(param_bytes), math.prod(x.shape[2:]))
+    flops = 3.0 * counter.get_total_flops() / 2
+    return StepCost(flops, float(saved[0]) / 2, float(param_bytes), math.prod(x.shape[2:]))
 
 
 def time_training_step(
