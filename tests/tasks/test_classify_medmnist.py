@@ -36,7 +36,9 @@ def test_the_published_table_is_complete() -> None:
     for name, row in PUBLISHED.items():
         methods = [k for k in row if k not in ("type", "classes")]
         assert len(methods) == 2, name
-        assert all(0.4 < v <= 1.0 for m in methods for v in row[m]), name
+        # unverified published values are None (printed "n/a"), a whole entry or one value of its pair
+        values = [v for m in methods if row[m] is not None for v in row[m] if v is not None]
+        assert all(0.4 < v <= 1.0 for v in values), name
         assert row["type"] in ("binary", "multiclass", "multilabel", "ordinal")
     assert PUBLISHED["pathmnist"]["ResNet-18 (28)"] == (0.983, 0.907)
     assert PUBLISHED["chestmnist"]["type"] == "multilabel" and PUBLISHED["retinamnist"]["type"] == "ordinal"
