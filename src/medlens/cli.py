@@ -268,12 +268,33 @@ def train(
             "(e.g. 0.95) instead of Youden's J."
         ),
     ] = None,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            help="Classification: start from a medlens run (e.g. 'medlens pretrain'), a fold folder or a "
+            ".safetensors file; tensors that do not fit (a head for other classes) are re-initialised."
+        ),
+    ] = None,
+    finetune: Annotated[
+        str, typer.Option(help="With --init: 'full' (train everything) or 'head' (freeze the backbone).")
+    ] = "full",
+    backbone_lr: Annotated[
+        float, typer.Option(help="With --init --finetune full: backbone learning rate factor (1 = off).")
+    ] = 0.1,
 ) -> None:
     """Train the planned model on one fold, several, or all (cross-validation). Multi-GPU/multi-node: torchrun.
 
     Example: medlens train data/brain-tissue --plan data/brain-tissue/plan.json --fold 0 --out runs/bt
     """
     from medlens.tasks.run import train as do_train
+
+    options: dict[str, object] = {} if sensitivity is None else {"sensitivity": sensitivity}
+    if init is not None:
+        from medlens.tasks.transfer import check_policy, resolve_init
+
+        check_policy(finetune, backbone_lr)  # before anything is written
+        resolve_init(init)
+        options.update(init=init, finetune=finetune, backbone_lr=backbone_lr)
 
     results = do_train(
         dataset,
@@ -284,7 +305,7 @@ def train(
         resume=resume,
         cache_dir=cache,
         device=device,
-        options={} if sensitivity is None else {"sensitivity": sensitivity},
+        options=options,
     )
     for r in results:
         score = "n/a" if r.best_score is None else f"{r.best_score:.4f}"
@@ -292,6 +313,29 @@ def train(
             f"fold {r.fold}: best validation score {score} after {r.iterations} iterations ({r.seconds:.0f} s)"
         )
     _echo(f"run: {out}")
+
+
+@app.command()
+def pretrain(
+    dataset: Annotated[Path, typer.Argument(help="Classification dataset folder (labels are not used).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
+    budget: Annotated[str, typer.Option(help="Wall-clock budget: 90s, 5m, 1h.")] = "5m",
+    plan_path: Annotated[
+        Path | None,
+        typer.Option("--plan", help="Classification plan.json to take the network from (default: plan now)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Self-supervised (SimCLR) pretraining of the planned classifier's backbone; use the run as --init.
+
+    Example: medlens pretrain data/lesions --out runs/ssl && medlens train data/lesions --plan P --init runs/ssl --out R
+    """
+    from medlens.tasks.pretrain import pretrain as do_pretrain
+
+    res = do_pretrain(dataset, out, budget=budget, plan_path=plan_path, device=device)
+    score = "n/a" if res.best_score is None else f"{-res.best_score:.4f}"
+    _echo(f"SimCLR: best validation NT-Xent {score} after {res.iterations} iterations ({res.seconds:.0f} s)")
+    _echo(f"encoder weights: {res.weights} (train with --init {out})")
 
 
 @app.command()
@@ -354,8 +398,9 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the data, run and report.")] = Path(
         "medlens-demo"
     ),
-    budget: Annotated[str, typer.Option(help="Training budget for the segmentation model.")] = "4m",
+    budget: Annotated[str, typer.Option(help="Training budget for the segmentation model.")] = "3m30s",
     subjects: Annotated[int | None, typer.Option(help="Simulated subjects in brain-tissue.")] = None,
+    lesion_budget: Annotated[str, typer.Option(help="Training budget for the lesion classifier.")] = "90s",
 ) -> None:
     """The main job: sample data -> plan -> train -> predict held-out subjects -> evaluate -> HTML report.
 
@@ -363,9 +408,10 @@ def demo(
     """
     from medlens.demo import run_demo
 
-    result = run_demo(out, budget=budget, subjects=subjects)
+    result = run_demo(out, budget=budget, subjects=subjects, lesion_budget=lesion_budget)
     _echo(f"report: {result.report}")
     _echo(f"mean Dice on {result.num_test} held-out subjects: {result.mean_dice:.3f}")
+    _echo(f"lesion AUC on {result.lesion_num_test} held-out slices: {result.lesion_auc:.3f}")
 
 
 # ---- benchmarks ------------------------------------------------------------------------------------------------

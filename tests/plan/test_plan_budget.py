@@ -94,6 +94,10 @@ def test_tracing_a_classifier_on_a_tiny_image_works() -> None:
     """A ResNet's bottleneck on 16x16 is 1x1: batch norm needs more than one value, so tracing uses batch 2."""
     from medlens.plan.budget import trace_cost
 
-    small = trace_cost({"name": "resnet18"}, spatial_dims=2, in_channels=1, out_channels=2, patch_size=[16, 16])
-    large = trace_cost({"name": "resnet18"}, spatial_dims=2, in_channels=1, out_channels=2, patch_size=[32, 32])
+    small = trace_cost(
+        {"name": "resnet18"}, spatial_dims=2, in_channels=1, out_channels=2, patch_size=[16, 16]
+    )
+    large = trace_cost(
+        {"name": "resnet18"}, spatial_dims=2, in_channels=1, out_channels=2, patch_size=[32, 32]
+    )
     assert small.flops > 0 and 1.5 < large.flops / small.flops < 5.0  # 4x the pixels: more work, at most 4x

@@ -18,13 +18,16 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medlens.data.dataset import Dataset
 from medlens.data.splits import Fold
 from medlens.tasks.run import FoldOutcome, TrainedFold
+
+if TYPE_CHECKING:
+    from medlens.tasks.transfer import InitSource
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +58,17 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     device: str = "auto",
-    init: str | Path | None = None,
+    init: InitSource | str | Path | None = None,
+    finetune: str | None = None,
+    backbone_lr: float = 0.1,
 ) -> FitResult:
     """Train the planned network on ``images[train_rows]``, selecting by AUC on ``images[val_rows]``.
 
     Shared by :func:`train_fold` (a dataset) and the MedMNIST benchmark (arrays straight from an ``.npz``).
     ``init`` starts from a safetensors file: the tensors that fit are loaded, the rest (e.g. a head trained
-    on other classes) keep their fresh initialisation, and a warning names them; which parameters train, and
-    at which learning rate, is the plan's ``training.param_groups``.
+    on other classes) keep their fresh initialisation, and a warning names them. Which parameters train,
+    and at which learning rate, is the plan's ``training.param_groups``, unless ``finetune`` (with ``init``)
+    replaces it: ``"full"`` or ``"head"`` with ``backbone_lr`` (see :mod:`medlens.tasks.transfer`).
     """
     from medlens.engine import Trainer, configure_threads, resolve_precision, seed_everything
     from medlens.models import create_model
@@ -79,10 +85,14 @@ def fit(
         out_channels=num_outputs(ctype, len(class_names), loss),
     )
     if init is not None:
-        from medlens.engine import load_weights
+        from medlens.tasks.transfer import finetune_groups, freeze_norm_statistics, initialise
 
-        report = load_weights(model, init, strict=False)
-        log.info("initialised from %s: %s", init, report.summary())
+        initialise(model, init)
+        if finetune is not None:
+            groups = finetune_groups(model, finetune, backbone_lr)
+            config = {**config, "training": {**config["training"], "param_groups": groups}}
+        if (finetune or config["training"].get("param_groups", {}).get("trainable")) == "head":
+            freeze_norm_statistics(model, tuple(getattr(model, "medlens_head", ())))
     task = ClassificationTask(images, y, train_rows, val_rows, config, ctype, len(class_names))
     log.info("fold %d: %d training and %d validation images", fold, len(train_rows), len(val_rows))
     result = Trainer(model, task, dict(config["training"]), run_dir, progress=progress, device=device).fit(
@@ -129,7 +139,8 @@ def train_fold(
         progress: rich progress bars.
         device: "auto", "cpu" or "cuda".
         options: ``sensitivity`` (target sensitivity for the threshold; checked here, used by :func:`decide`);
-            ``init`` (a safetensors file to start from, see :func:`fit`).
+            ``init`` (a run, fold folder or safetensors file to start from, see :func:`fit`; recorded in
+            run.json with its SHA-256), ``finetune`` (``full``/``head``) and ``backbone_lr`` (default 0.1).
 
     Raises:
         DatasetError: labels that do not fit the dataset's classification type or classes (case named).
@@ -140,6 +151,12 @@ def train_fold(
     from medlens.tasks.threshold import check_target_sensitivity
 
     opts = dict(options or {})
+    init = None
+    if opts.get("init") is not None:
+        from medlens.tasks.transfer import check_policy, resolve_init
+
+        check_policy(opts.get("finetune", "full"), opts.get("backbone_lr", 0.1))
+        init = resolve_init(opts["init"])
     if opts.get("sensitivity") is not None:
         check_target_sensitivity(opts["sensitivity"])
     ctype = dataset.classification_type or "multiclass"
@@ -155,13 +172,19 @@ def train_fold(
     val_rows = [row[c] for c in fold.val]
     res = fit(
         images, y, train_rows, val_rows, config, ctype=ctype, class_names=names, run_dir=run_dir,
-        fold=fold.index, resume=resume, progress=progress, device=device, init=opts.get("init"),
+        fold=fold.index, resume=resume, progress=progress, device=device, init=init,
+        finetune=opts.get("finetune", "full"), backbone_lr=opts.get("backbone_lr", 0.1),
     )  # fmt: skip
     evidence: dict[str, Any] = {META_KEY: {"type": ctype, "class_names": list(names)}}
     for cid, r, s in zip(fold.val, val_rows, res.val_scores, strict=True):
         target = y[r].astype(int).tolist() if ctype == "multilabel" else int(y[r])
         evidence[cid] = {"target": target, "scores": [round(float(v), 5) for v in s]}
-    run_info = {"classification": {"type": ctype, "class_names": list(names), "loss": config["loss"]["name"]}}
+    run_info: dict[str, Any] = {
+        "classification": {"type": ctype, "class_names": list(names), "loss": config["loss"]["name"]}
+    }
+    if init is not None:
+        policy = {"finetune": opts.get("finetune", "full"), "backbone_lr": opts.get("backbone_lr", 0.1)}
+        run_info["init"] = {**init.to_json(), **policy}
     return FoldOutcome(trained=res.trained, validation=evidence, run_info=run_info)
 
 
