@@ -100,14 +100,11 @@ class WholeImagePlanner(Planner):
             )
         return _TRACES[key].scaled(patch)
 
-    def time_step(
+    def measure_step(
         self, spec: Mapping[str, Any], spatial_dims: int, patch: Sequence[int], batch: int
     ) -> float:
-        """Time real classification steps (calibrating the FLOP model), or estimate when measuring is off."""
-        cost = self.cost(spec, spatial_dims, patch)
-        if not self.measure:
-            return self.estimate_seconds(cost, batch, spatial_dims)
-        seconds = time_classification_step(
+        """Seconds of one real classification step (whole resized images, a class per image)."""
+        return time_classification_step(
             spec,
             spatial_dims=spatial_dims,
             in_channels=int(self.need("num_channels")),
@@ -118,8 +115,6 @@ class WholeImagePlanner(Planner):
             precision=self.precision,
             threads=self.threads,
         )
-        self._throughput[spatial_dims] = cost.flops * batch / seconds
-        return seconds + batch * cost.voxels * self.data_seconds_per_voxel
 
     def epochs(self, seconds: float, batch: int) -> tuple[float, int]:
         """(epochs, iterations) that fit the training share of the budget at ``seconds`` per step."""

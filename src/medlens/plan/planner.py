@@ -218,7 +218,15 @@ class Planner:
         cost = self.cost(spec, spatial_dims, patch)
         if not self.measure:
             return self.estimate_seconds(cost, batch, spatial_dims)
-        seconds = time_training_step(
+        seconds = self.measure_step(spec, spatial_dims, patch, batch)
+        self._throughput[spatial_dims] = cost.flops * batch / seconds
+        return seconds + batch * cost.voxels * self.data_seconds_per_voxel
+
+    def measure_step(
+        self, spec: Mapping[str, Any], spatial_dims: int, patch: Sequence[int], batch: int
+    ) -> float:
+        """Seconds of one real training step of ``spec`` on a batch of ``patch``-sized inputs."""
+        return time_training_step(
             spec,
             spatial_dims=spatial_dims,
             in_channels=int(self.need("num_channels")),
@@ -229,8 +237,6 @@ class Planner:
             precision=self.precision,
             threads=self.threads,
         )
-        self._throughput[spatial_dims] = cost.flops * batch / seconds
-        return seconds + batch * cost.voxels * self.data_seconds_per_voxel
 
     def memory_needed(self, cost: StepCost, batch: int) -> float:
         return cost.memory_bytes(batch)
