@@ -111,7 +111,14 @@ def run_measured(
         load_mean=sum(sampler.loads) / len(sampler.loads) if sampler.loads else float("nan"),
         load_max=max(sampler.loads, default=float("nan")),
     )
-    log.info("  -> %s in %.1f s, peak %.0f MB", "ok" if m.ok else "FAILED", m.seconds, m.peak_mb)
+    log.info(
+        "  -> %s in %.1f s, peak %.0f MB, load %.1f (max %.1f)",
+        "ok" if m.ok else "FAILED",
+        m.seconds,
+        m.peak_mb,
+        m.load_mean,
+        m.load_max,
+    )
     return m
 
 
