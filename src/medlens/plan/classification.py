@@ -10,14 +10,13 @@ but on a CPU budget they cost more per step than a ResNet of similar accuracy, s
 
 from __future__ import annotations
 
-import datetime
 import math
 from typing import Any
 
 from medlens.errors import PlanError
 from medlens.plan.budget import format_seconds
 from medlens.plan.classification_sizing import WholeImagePlanner
-from medlens.plan.plan import PLAN_VERSION, Plan, deep_merge
+from medlens.plan.plan import Plan, deep_merge
 from medlens.plan.planner import fmt
 
 #: Network outputs per classification type (binary: two softmax logits, as MedMNIST; ordinal: K-1 cumulative).
@@ -322,21 +321,7 @@ class ClassificationPlanner(WholeImagePlanner):
             },
         }
         data = {
-            "medlens_plan": PLAN_VERSION,
-            "dataset": str(self.fp.get("dataset", "")),
-            "task": self.task,
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "planner": {
-                "name": type(self).__name__,
-                "budget": self.budget_text,
-                "budget_seconds": self.budget,
-                "device": self.device,
-                "threads": self.threads,
-                "precision": self.precision,
-                "memory_limit_gb": round(self.memory_limit / 1e9, 2),
-                "measured": self.measure,
-                "overrides": self.overrides,
-            },
+            **self.plan_header(),
             "fingerprint": {
                 "ndim": nd,
                 "num_cases": int(self.need("num_cases")),

@@ -15,6 +15,7 @@ planner subclasses :class:`Planner` directly (whole images, no patches).
 
 from __future__ import annotations
 
+import datetime
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -30,7 +31,7 @@ from medlens.plan.budget import (
     time_training_step,
     trace_cost,
 )
-from medlens.plan.plan import Plan
+from medlens.plan.plan import PLAN_VERSION, Plan
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +252,26 @@ class Planner:
     def plan(self) -> Plan:
         """Run the rules and return the plan (implemented per task family)."""
         raise NotImplementedError
+
+    def plan_header(self) -> dict[str, Any]:
+        """The top of every plan.json: version, dataset, task, when, and the resources the plan was made for."""
+        return {
+            "medlens_plan": PLAN_VERSION,
+            "dataset": str(self.fp.get("dataset", "")),
+            "task": self.task,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "planner": {
+                "name": type(self).__name__,
+                "budget": self.budget_text,
+                "budget_seconds": self.budget,
+                "device": self.device,
+                "threads": self.threads,
+                "precision": self.precision,
+                "memory_limit_gb": round(self.memory_limit / 1e9, 2),
+                "measured": self.measure,
+                "overrides": self.overrides,
+            },
+        }
 
     def optimizer(self, iterations: int) -> dict[str, Any]:
         if iterations >= self.sgd_min_iterations:

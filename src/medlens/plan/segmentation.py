@@ -9,7 +9,6 @@ along the coarse axis for 3D data). The default is the one that can learn most i
 
 from __future__ import annotations
 
-import datetime
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +18,7 @@ import numpy as np
 from medlens.errors import PlanError
 from medlens.plan.budget import format_seconds
 from medlens.plan.patch import Candidate, PatchPlanner
-from medlens.plan.plan import PLAN_VERSION, Plan, config_diff, deep_merge
+from medlens.plan.plan import Plan, config_diff, deep_merge
 from medlens.plan.planner import fmt
 
 
@@ -420,21 +419,7 @@ class SegmentationPlanner(PatchPlanner):
                 **config_diff(configs["3d_lowres"], configs["3d_fullres"]),
             }
         data = {
-            "medlens_plan": PLAN_VERSION,
-            "dataset": str(self.fp.get("dataset", "")),
-            "task": self.task,
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "planner": {
-                "name": type(self).__name__,
-                "budget": self.budget_text,
-                "budget_seconds": self.budget,
-                "device": self.device,
-                "threads": self.threads,
-                "precision": self.precision,
-                "memory_limit_gb": round(self.memory_limit / 1e9, 2),
-                "measured": self.measure,
-                "overrides": self.overrides,
-            },
+            **self.plan_header(),
             "fingerprint": self.fingerprint_summary(),
             "labels": labels,
             "num_channels": int(self.need("num_channels")),
