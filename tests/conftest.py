@@ -12,3 +12,27 @@ os.environ.setdefault(
     "TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".torchinductor")
 )
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+# ---- tiny trained runs with patient metadata (tests/builders.py), shared across rooms ---------------------------
+import pytest
+
+
+@pytest.fixture(scope="session")
+def seg_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, object]:
+    """``(dataset, run_dir)``: a 3D blob segmentation run, folds 0 and 1, metadata site/sex/age, 6 test cases."""
+    import builders
+
+    root = tmp_path_factory.mktemp("seg_run")
+    ds = builders.seg_dataset(root / "ds")
+    return ds, builders.train_two_folds(ds, builders.seg_plan(ds, root / "plan.json"), root / "run")
+
+
+@pytest.fixture(scope="session")
+def cls_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, object]:
+    """``(dataset, run_dir)``: a binary 2D classification run, folds 0 and 1, metadata, 48 test images."""
+    import builders
+
+    root = tmp_path_factory.mktemp("cls_run")
+    ds = builders.cls_dataset(root)
+    return ds, builders.train_two_folds(ds, builders.cls_plan(ds, root / "plan.json"), root / "run")
