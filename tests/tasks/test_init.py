@@ -208,6 +208,13 @@ def test_frozen_backbone_keeps_its_batch_norm_statistics() -> None:
     model.add_module("head_bn", nn.BatchNorm1d(2))
     assert freeze_norm_statistics(model, ("fc", "head_bn")) == 1
     before = model.bn.running_mean.clone()
-    model.train()(torch.randn(8, 1, 8, 8) + 3.0)
+    x = torch.randn(8, 1, 8, 8) + 3.0
+    out = model.train()(x)
     assert torch.equal(model.bn.running_mean, before)
     assert not torch.equal(model.head_bn.running_mean, torch.zeros(2))  # the head's still update
+    # the frozen layer normalises with its stored statistics, as at inference: one image's features do not
+    # depend on the rest of the batch
+    assert not model.bn.training and model.head_bn.training
+    feats = model.bn(model.conv(x))
+    assert torch.allclose(feats[:1], model.bn(model.conv(x[:1])), atol=1e-6)
+    assert out.shape == (8, 2)

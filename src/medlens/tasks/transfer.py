@@ -153,15 +153,23 @@ def finetune_groups(model: nn.Module, policy: str, backbone_lr: float) -> dict[s
 
 
 def freeze_norm_statistics(model: nn.Module, head: tuple[str, ...]) -> int:
-    """Keep the backbone's batch-norm running statistics fixed while it is frozen (momentum 0).
+    """Keep the backbone's batch-norm layers exactly as loaded while the backbone is frozen.
 
-    A frozen backbone must stay the backbone that was loaded: its normalisation layers still normalise with
-    the batch's statistics during training, but no longer overwrite the stored ones. Returns layers changed.
+    A frozen backbone must stay the backbone that was loaded: its normalisation layers normalise with their
+    stored running statistics (evaluation mode, pinned: the engine's ``model.train()`` does not switch them
+    back) and never overwrite them. Returns the number of layers pinned.
     """
+    import types
+
+    def stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+        return nn.Module.train(self, False)
+
     n = 0
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(_under(name, h) for h in head):
             module.momentum = 0.0
+            module.train = types.MethodType(stay_in_eval, module)  # type: ignore[method-assign]
+            module.train()
             n += 1
     return n
 
