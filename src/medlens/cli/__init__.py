@@ -5,14 +5,14 @@ answers at once. A :class:`~medlens.errors.MedlensError` is printed as one line 
 ``medlens --debug ...`` shows the traceback instead.
 
 One module per group of commands registers on the shared :data:`app` (``_app.py``): ``commands`` (data, plan,
-train, predict, export, demo, bench).
+train, predict, export, demo, bench), ``clinical`` (deid).
 """
 
 from __future__ import annotations
 
 import sys
 
-from medlens.cli import commands  # noqa: F401  (registers the commands)
+from medlens.cli import clinical, commands  # noqa: F401  (registers the commands)
 from medlens.cli._app import _state, app
 from medlens.errors import MedlensError
 
