@@ -290,16 +290,67 @@ def predict(
         str,
         typer.Option(help="auto (the one training measured as faster), torch or onnx (ONNX Runtime)."),
     ] = "auto",
+    uncertainty: Annotated[
+        bool,
+        typer.Option(
+            help="Also report an uncertainty score and a 'refer' flag at the run's stored referral threshold "
+            "(segmentation: OUT/<case>_uncertainty.nii.gz and .json)."
+        ),
+    ] = False,
+    uncertainty_method: Annotated[
+        str,
+        typer.Option(help="auto (the run's referral method), ensemble (folds), mc_dropout or tta."),
+    ] = "auto",
+    referral_data: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --uncertainty: first set the referral threshold on the run's validation cases in this "
+            "dataset (stored in RUN/run.json)."
+        ),
+    ] = None,
+    referral_fraction: Annotated[
+        float, typer.Option(help="With --referral-data: share of validation cases to refer.")
+    ] = 0.1,
+    dicom_out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write DICOM results to this folder (inputs must be DICOM): per series a DICOM-SEG and a "
+            "TID 1500 SR of the volumes; per classified image an SR of the probabilities and decision."
+        ),
+    ] = None,
 ) -> None:
     """Apply a trained run: segmentation label maps in each input's exact geometry, or a classification's
-    classes, probabilities and threshold as OUT/predictions.csv and OUT/predictions.json.
+    classes, probabilities and threshold as OUT/predictions.csv and OUT/predictions.json. With --dicom-out,
+    also DICOM-SEG/SR objects in each source's study (e.g. to store back to a PACS).
 
-    Example: medlens predict runs/bt scans/ --out predictions/
+    Example: medlens predict runs/bt scans/ --out predictions/ --uncertainty
     """
     from medlens.serve import load_predictor
 
+    if uncertainty:
+        from medlens.explain.uncertainty import check_referral, decide_referral
+
+        if referral_data is not None:
+            ref = decide_referral(
+                run, referral_data, fraction=referral_fraction, method=uncertainty_method, device=device
+            )
+            _echo(f"referral threshold {ref['threshold']:.4f} ({ref['method']}): {ref['reason']}")
+        uncertainty_method = check_referral(run, uncertainty_method)
+        backend = "torch" if backend == "auto" else backend  # MC-dropout needs the PyTorch modules
+    elif referral_data is not None:
+        _echo("--referral-data is used with --uncertainty; ignored")
+    hooks: dict[str, object] = {}
+    if dicom_out is not None:
+        from medlens.serve.dicom_out import check_dicom_inputs, dicom_writer
+
+        check_dicom_inputs(src, series)  # before any prediction: a NIfTI input cannot give a SEG
+        hooks["on_result"] = dicom_writer(dicom_out, run)
     predictor = load_predictor(run, device=device, backend=backend)
-    paths = predictor.predict_path(src, out, tta=tta, probabilities=probabilities, series=series)
+    paths = predictor.predict_path(
+        src, out, tta=tta, probabilities=probabilities, series=series,
+        **({"uncertainty": True, "uncertainty_method": uncertainty_method} if uncertainty else {}),
+        **hooks,
+    )  # fmt: skip
     for p in paths:
         _echo(f"wrote {p}")
 

@@ -15,7 +15,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,11 @@ class ClassificationPrediction:
     threshold: float | dict[str, float] | None = None
     seconds: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
+    #: With ``predict(..., uncertainty=True)``: the normalised predictive entropy, the referral flag (None when
+    #: the run has no threshold for the method) and ``{score_name, method, threshold, mutual_information, ...}``.
+    uncertainty: float | None = None
+    refer: bool | None = None
+    uncertainty_info: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: v for k, v in self.meta.items()}
@@ -60,6 +65,10 @@ class ClassificationPrediction:
                 out[key] = value
         out["probabilities"] = {k: round(v, 6) for k, v in self.probabilities.items()}
         out["threshold"] = self.threshold
+        if self.uncertainty is not None:
+            out["uncertainty"] = round(self.uncertainty, 6)
+            out["refer"] = self.refer
+            out["uncertainty_detail"] = self.uncertainty_info
         return out
 
 
@@ -166,8 +175,17 @@ class ClassificationPredictor:
         return out
 
     # ---- images and files ------------------------------------------------------------------------------------
-    def predict(self, image: Image, *, tta: bool = False) -> ClassificationPrediction:
-        """Classify one image (all channels stacked)."""
+    def predict(
+        self, image: Image, *, tta: bool = False, uncertainty: bool = False, uncertainty_method: str = "auto"
+    ) -> ClassificationPrediction:
+        """Classify one image (all channels stacked).
+
+        Args:
+            image: the input.
+            tta: average over the flips training allowed.
+            uncertainty: also return the uncertainty score and the referral flag (the decision is unchanged).
+            uncertainty_method: "auto" (the run's referral method if stored), "ensemble", "mc_dropout", "tta".
+        """
         from medlens.tasks.classify_data import check_image, prepare_image
 
         source = str(image.meta.get("source", "image"))
@@ -175,8 +193,27 @@ class ClassificationPredictor:
         t0 = time.perf_counter()
         x = prepare_image(image, self.config)[None]
         result = self.decide(self.probabilities(x, tta=tta)[0])
+        if uncertainty:
+            self._add_uncertainty(result, x, uncertainty_method)
         result.seconds = time.perf_counter() - t0
         return result
+
+    def _add_uncertainty(self, result: ClassificationPrediction, x: np.ndarray, method: str) -> None:
+        from medlens.explain.uncertainty import classification_uncertainty, refer, referral_for
+
+        chosen, referral, note = referral_for(self, method)
+        samples = int(referral.get("samples", 8)) if referral else 8
+        seed = int(referral.get("seed", 0)) if referral else 0
+        res = classification_uncertainty(self, x, chosen, samples=samples, seed=seed)
+        result.uncertainty = float(res["score"][0])
+        result.refer = refer(result.uncertainty, referral)
+        result.uncertainty_info = {
+            "score_name": res["score_name"], "method": chosen, "samples": res["samples"],
+            "threshold": None if referral is None else float(referral["threshold"]),
+            "mutual_information": round(float(res["mutual_information"][0]), 6),
+        }  # fmt: skip
+        if note:
+            result.uncertainty_info["note"] = note
 
     def predict_path(
         self,
@@ -186,6 +223,9 @@ class ClassificationPredictor:
         tta: bool = False,
         probabilities: bool = True,
         series: str | None = None,
+        uncertainty: bool = False,
+        uncertainty_method: str = "auto",
+        on_result: Callable[[str, Image, ClassificationPrediction], Sequence[Path]] | None = None,
     ) -> list[Path]:
         """Classify a file, a DICOM series folder, or a folder of images; write ``OUT/predictions.csv`` and
         ``OUT/predictions.json``.
@@ -197,6 +237,10 @@ class ClassificationPredictor:
                 modalities where left and right matter).
             probabilities: accepted for the command line's sake; probabilities are always written.
             series: the series to take from a DICOM folder with several.
+            uncertainty: rows gain ``uncertainty`` (normalised predictive entropy) and ``refer``.
+            uncertainty_method: see :meth:`predict`.
+            on_result: called as ``on_result(name, image, result)`` after each image; the files it returns
+                are appended to the returned list.
 
         Returns:
             The two files written.
@@ -206,11 +250,16 @@ class ClassificationPredictor:
 
         out_dir = Path(out_dir)
         rows: list[dict[str, Any]] = []
+        extra: list[Path] = []  # files on_result wrote
         for name, path, ser in discover_inputs(Path(src), series):
             image = read_image(path, series=ser) if ser is not None else read_image(path)
-            result = self.predict(image, tta=tta)
+            result = self.predict(
+                image, tta=tta, uncertainty=uncertainty, uncertainty_method=uncertainty_method
+            )
             result.meta = {"case": name, "source": str(path)}
             rows.append(result.to_dict())
+            if on_result is not None:  # e.g. a DICOM SR of the result (serve.dicom_out)
+                extra.extend(on_result(name, image, result))
             log.info("%s: %s (%.2f s)", path, _summary(result), result.seconds)
         if not rows:
             raise InputError(f"{src}: no images to classify")
@@ -221,7 +270,7 @@ class ClassificationPredictor:
             "folds": len(self.models), "predictions": rows,
         })  # fmt: skip
         atomic_write_text(csv_path, self.to_csv(rows))
-        return [csv_path, json_path]
+        return [csv_path, json_path, *extra]
 
     def to_csv(self, rows: list[dict[str, Any]]) -> str:
         """One row per image: case, source, the decision, one probability column per class, the threshold(s)."""
@@ -235,6 +284,9 @@ class ClassificationPredictor:
             header.append("threshold")
         elif self.ctype == "multilabel":
             header += [f"threshold_{n}" for n in names]
+        with_uncertainty = any("uncertainty" in r for r in rows)
+        if with_uncertainty:
+            header += ["uncertainty", "refer"]
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(header)
@@ -248,6 +300,9 @@ class ClassificationPredictor:
                 line.append(r["threshold"])
             elif self.ctype == "multilabel":
                 line += [r["threshold"][n] for n in names]
+            if with_uncertainty:
+                flag = r.get("refer")
+                line += [r.get("uncertainty"), "" if flag is None else str(bool(flag)).lower()]
             writer.writerow(line)
         return buf.getvalue()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,13 @@ class SegmentationPrediction:
     probabilities: Image | None = None
     seconds: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
+    #: With ``predict(..., uncertainty=True)``: the voxel-wise uncertainty map (input geometry), the per-case
+    #: score, the referral flag (None when the run has no threshold for the method) and
+    #: ``{score, score_name, method, refer, threshold, ...}`` (see :mod:`medlens.explain.uncertainty`).
+    uncertainty: Image | None = None
+    uncertainty_score: float | None = None
+    refer: bool | None = None
+    uncertainty_info: dict[str, Any] | None = None
 
 
 class Predictor:
@@ -147,7 +154,13 @@ class Predictor:
             )
 
     def predict(
-        self, image: Image, *, tta: bool = False, probabilities: bool = False
+        self,
+        image: Image,
+        *,
+        tta: bool = False,
+        probabilities: bool = False,
+        uncertainty: bool = False,
+        uncertainty_method: str = "auto",
     ) -> SegmentationPrediction:
         """Segment one (multi-channel) image; the result has exactly the input's geometry.
 
@@ -155,6 +168,9 @@ class Predictor:
             image: the input, all channels stacked.
             tta: mirroring test-time augmentation along every spatial axis (2^ndim passes per fold).
             probabilities: also return per-class probabilities (resampled to the input grid).
+            uncertainty: also return the uncertainty map, score and referral flag (extra passes; the label map
+                is the same as without).
+            uncertainty_method: "auto" (the run's referral method if stored), "ensemble", "mc_dropout", "tta".
         """
         import torch
 
@@ -205,9 +221,29 @@ class Predictor:
             prob_img = Image(
                 prob_arr.astype(np.float32), image.affine.copy(), modality="OT", meta={"source": source}
             )
-        return SegmentationPrediction(
-            label_img, prob_img, time.perf_counter() - t0, {"folds": len(self.models)}
-        )
+        result = SegmentationPrediction(label_img, prob_img, 0.0, {"folds": len(self.models)})
+        if uncertainty:
+            self._add_uncertainty(result, image, uncertainty_method)
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def _add_uncertainty(self, result: SegmentationPrediction, image: Image, method: str) -> None:
+        from medlens.explain.uncertainty import refer, referral_for, segmentation_uncertainty
+
+        chosen, referral, note = referral_for(self, method)
+        samples = int(referral.get("samples", 8)) if referral else 8
+        seed = int(referral.get("seed", 0)) if referral else 0
+        _, umap, score = segmentation_uncertainty(self, image, chosen, samples=samples, seed=seed)
+        result.uncertainty, result.uncertainty_score = umap, score
+        result.refer = refer(score, referral)
+        result.uncertainty_info = {
+            "score": score, "score_name": umap.meta["score_name"], "method": chosen, "refer": result.refer,
+            "threshold": None if referral is None else float(referral["threshold"]),
+            "score_region": umap.meta["score_region"], "samples": umap.meta["samples"],
+            "mutual_information": umap.meta["mutual_information"],
+        }  # fmt: skip
+        if note:
+            result.uncertainty_info["note"] = note
 
     # ---- files and folders -----------------------------------------------------------------------------------
     def predict_path(
@@ -218,25 +254,46 @@ class Predictor:
         tta: bool = False,
         probabilities: bool = False,
         series: str | None = None,
+        uncertainty: bool = False,
+        uncertainty_method: str = "auto",
+        on_result: Callable[[str, Image, SegmentationPrediction], Sequence[Path]] | None = None,
     ) -> list[Path]:
         """Predict a file, a DICOM series folder, or a folder of them; write ``OUT/<name>.nii.gz`` label maps.
 
         Returns:
-            The label-map paths written (probabilities go to ``<name>_probabilities.nii.gz``).
+            The label-map paths written (probabilities go to ``<name>_probabilities.nii.gz``; with
+            ``uncertainty``, the map to ``<name>_uncertainty.nii.gz`` and ``{score, score_name, method, refer,
+            threshold}`` to ``<name>_uncertainty.json``).
+            ``on_result(name, image, result)``, when given, runs after each input; the files it returns are
+            added to the list.
         """
+        from medlens._fs import atomic_write_json
         from medlens.io import read_image, write_image
 
         out_dir = Path(out_dir)
         written = []
         for name, path, ser in discover_inputs(Path(src), series):
             image = read_image(path, series=ser) if ser is not None else read_image(path)
-            result = self.predict(image, tta=tta, probabilities=probabilities)
+            result = self.predict(
+                image,
+                tta=tta,
+                probabilities=probabilities,
+                uncertainty=uncertainty,
+                uncertainty_method=uncertainty_method,
+            )
             target = out_dir / f"{name}.nii.gz"
             write_image(result.label, target)
             if result.probabilities is not None:
                 write_image(result.probabilities, out_dir / f"{name}_probabilities.nii.gz")
+            if result.uncertainty is not None and result.uncertainty_info is not None:
+                write_image(result.uncertainty, out_dir / f"{name}_uncertainty.nii.gz")
+                record = {"case": name, "source": str(path), **result.uncertainty_info}
+                record["uncertainty"] = record["score"]  # the contract's name for the score
+                atomic_write_json(out_dir / f"{name}_uncertainty.json", record)
             log.info("%s -> %s (%.1f s)", path, target, result.seconds)
             written.append(target)
+            if on_result is not None:  # e.g. DICOM-SEG/SR next to the label map (serve.dicom_out)
+                written.extend(on_result(name, image, result))
         return written
 
 
