@@ -36,3 +36,21 @@ def cls_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, object]:
     root = tmp_path_factory.mktemp("cls_run")
     ds = builders.cls_dataset(root)
     return ds, builders.train_two_folds(ds, builders.cls_plan(ds, root / "plan.json"), root / "run")
+
+
+@pytest.fixture(scope="session")
+def seg_evaluated(seg_run: tuple[object, object]) -> tuple[object, object, object]:
+    """``(dataset, run_dir, evaluation.json path)``: the segmentation run evaluated on its test cases (fast)."""
+    from medlens.evaluate.run_eval import evaluate_run
+
+    ds, run = seg_run
+    return ds, run, evaluate_run(run, ds.root, fast=True)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def cls_evaluated(cls_run: tuple[object, object]) -> tuple[object, object, object]:
+    """``(dataset, run_dir, evaluation.json path)``: the classification run evaluated on its test cases (fast)."""
+    from medlens.evaluate.run_eval import evaluate_run
+
+    ds, run = cls_run
+    return ds, run, evaluate_run(run, ds.root, fast=True)  # type: ignore[attr-defined]

@@ -145,16 +145,19 @@ def test_run_demo_end_to_end_with_a_tiny_budget(tmp_path: Path) -> None:
     assert result.report.is_file() and result.num_test >= 1
     assert 0.0 <= result.mean_dice <= 1.0
     # A 30 s classifier on 16 subjects is not expected to be good (brain-lesion's subtle lesions need minutes);
-    # what must hold: the reported AUC is the AUC of the saved test scores, under the stored threshold.
+    # what must hold: the reported AUC is the AUC of the evaluated test scores, under the stored threshold.
     from sklearn.metrics import roc_auc_score
 
     saved = json.loads(result.lesion_metrics.read_text())  # type: ignore[union-attr]
-    assert saved["summary"]["n_cases"] == result.lesion_num_test == len(saved["cases"])
-    y = [c["target"] for c in saved["cases"]]
-    positive = [c["scores"][1] for c in saved["cases"]]
-    assert result.lesion_auc == pytest.approx(roc_auc_score(y, positive), abs=1e-4)
+    assert saved["n_cases"] == result.lesion_num_test == len(saved["cases"])
+    positive = [s[1] for s in saved["scores"]]
+    assert result.lesion_auc == pytest.approx(roc_auc_score(saved["targets"], positive), abs=1e-4)
     run_info = json.loads((result.lesion_run / "run.json").read_text())  # type: ignore[operator]
     assert saved["threshold"] == run_info["decision"]["threshold"]
     html = result.report.read_text()
-    assert "Brain tissue segmentation" in html and "Lesion classification" in html
+    for prefix in ("Segmentation: ", "Lesion classifier: "):
+        for title in ("At a glance", "Calibration", "Subgroups (fairness)", "Robustness", "Explanations"):
+            assert f">{prefix}{title}<" in html
     assert "ROC curve" in html and "Confusion matrix" in html
+    assert result.report.stat().st_size < 10 * 2**20
+    assert (result.run / "model_card.md").is_file() and (result.lesion_run / "model_card.md").is_file()

@@ -73,8 +73,15 @@ def test_predict_dicom_out_writes_seg_and_sr_matching_the_label_map(seg_run, tmp
     from medlens.serve import load_predictor
     from medlens.serve.dicom_out import dicom_sources, write_dicom_results
 
-    pred = load_predictor(run, device="cpu", backend="torch").predict(source, uncertainty=True)
-    (_, sr_unc) = write_dicom_results(pred, dicom_sources(source), tmp_path / "unc", run_info=run)
+    bare = tmp_path / "run_without_referral"  # the shared run may have been evaluated (a referral decided)
+    shutil.copytree(run, bare, ignore=shutil.ignore_patterns("cache", "evaluation", "fold_*"))
+    for fold in run.glob("fold_*"):
+        (bare / fold.name).symlink_to(fold)
+    info = json.loads((bare / "run.json").read_text())
+    info.pop("referral", None)
+    (bare / "run.json").write_text(json.dumps(info))
+    pred = load_predictor(bare, device="cpu", backend="torch").predict(source, uncertainty=True)
+    (_, sr_unc) = write_dicom_results(pred, dicom_sources(source), tmp_path / "unc", run_info=bare)
     (group,) = hd.sr.srread(sr_unc).content.get_image_measurement_groups()
     (score,) = group.get_measurements()
     assert score.name.meaning.startswith("Uncertainty (") and score.value == pytest.approx(

@@ -26,8 +26,14 @@ def _one_thread() -> None:
 
 
 def copy_run(run_dir: Path, dest: Path) -> Path:
-    """A copy of a shared run (without its cache) whose run.json a test may change."""
-    return Path(shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns("cache", "tb", "*optimizer*")))
+    """A copy of a shared run (without its cache, and without a referral another test may have decided on
+    the shared run) whose run.json a test may change."""
+    ignore = shutil.ignore_patterns("cache", "tb", "*optimizer*", "evaluation")
+    run = Path(shutil.copytree(run_dir, dest, ignore=ignore))
+    info = json.loads((run / "run.json").read_text())
+    info.pop("referral", None)
+    (run / "run.json").write_text(json.dumps(info))
+    return run
 
 
 def invoke(*args: str) -> Any:
