@@ -18,7 +18,16 @@ $(BIN)/medlens: pyproject.toml
 	@$(BIN)/python -c "import sys, torch; ok = torch.__version__.startswith('2.13.0') and torch.version.cuda is None; print('torch', torch.__version__); sys.exit(0 if ok else 'medlens: a dependency replaced the CPU build of torch 2.13.0')"
 	touch $(BIN)/medlens
 
-install: $(BIN)/medlens
+# The web viewer of 'medlens serve' draws with NiiVue from npm (pinned in viewer/package-lock.json; no install
+# scripts run). It is served from viewer/node_modules by the app: never fetched at run time.
+viewer/node_modules/.package-lock.json: viewer/package.json viewer/package-lock.json
+	@if command -v npm >/dev/null; then \
+		cd viewer && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error; \
+	else \
+		echo "medlens: npm not found: the web viewer of 'medlens serve' needs it (apt-get install npm)"; \
+	fi
+
+install: $(BIN)/medlens viewer/node_modules/.package-lock.json
 
 demo: install
 	$(BIN)/medlens demo

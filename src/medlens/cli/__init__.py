@@ -5,14 +5,21 @@ answers at once. A :class:`~medlens.errors.MedlensError` is printed as one line 
 ``medlens --debug ...`` shows the traceback instead.
 
 One module per group of commands registers on the shared :data:`app` (``_app.py``): ``commands`` (data, plan,
-train, predict, export, demo, bench), ``clinical`` (deid).
+train, predict, export, demo, bench), ``trust`` (evaluate, report), ``clinical`` (deid), ``pacs``
+(echo, find, pull, push, run), ``service`` (serve).
 """
 
 from __future__ import annotations
 
 import sys
 
-from medlens.cli import clinical, commands  # noqa: F401  (registers the commands)
+from medlens.cli import (  # noqa: F401  (registers the commands)
+    clinical,
+    commands,
+    pacs,
+    service,
+    trust,
+)
 from medlens.cli._app import _state, app
 from medlens.errors import MedlensError
 
