@@ -103,3 +103,26 @@ def test_unknown_split_is_named(seg_run: Any, tmp_path: Path) -> None:
     ds, run = seg_run
     with pytest.raises(InputError, match="split"):
         evaluate_run(run, ds.root, tmp_path / "x", split="training")
+
+
+def test_shift_names_a_site_never_seen_in_training() -> None:
+    """A constructed run: sites A and B trained, the test cases come from A and from a new site C."""
+    from types import SimpleNamespace
+
+    from medlens.evaluate.evidence import shift
+    from medlens.evaluate.run_eval import Collected
+
+    training = [SimpleNamespace(id=f"t{i}", site="AB"[i % 2]) for i in range(8)]
+    info = {"folds": [0], "splits": {"folds": [{"train": [c.id for c in training], "val": []}]}}
+    sites = ["A"] * 6 + ["C"] * 6
+    perf = np.array([0.9, 0.85, 0.88, 0.92, 0.87, 0.9, 0.6, 0.55, 0.62, 0.58, 0.65, 0.6])
+    got = Collected(
+        task="segmentation", ids=[f"c{i}" for i in range(12)], sites=sites, meta=[{}] * 12,  # type: ignore[arg-type]
+        performance=perf, uncertainty=None, uncertainty_info={},
+    )  # fmt: skip
+    result = shift(info, SimpleNamespace(training=training), got, seed=0)
+    assert result["training_sites"] == ["A", "B"] and result["held_out_sites"] == ["C"]
+    assert result["held_out"] == {"estimate": pytest.approx(perf[6:].mean()), "n": 6}
+    assert result["seen"]["estimate"] == pytest.approx(perf[:6].mean())
+    by_site = {g["group"]: g for g in result["per_site"]["groups"]}
+    assert by_site["C"]["estimate"] == pytest.approx(perf[6:].mean())
