@@ -25,6 +25,8 @@ from medlens.errors import InputError  # noqa: E402
 from medlens.io import deid_profile as profile  # noqa: E402
 from medlens.io.deid import Deidentifier, DeidOptions, deidentify, read_audit, scrub_text  # noqa: E402
 
+PREAMBLE_PHI = b"Doe^John 19700101"
+PREAMBLE_PHI_LEN = len(PREAMBLE_PHI)
 ALL_OPTIONS = DeidOptions(
     retain_modified_dates=True,
     retain_device_identity=True,
@@ -161,6 +163,9 @@ def test_no_phi_survives_in_real_and_planted_files(
     src.mkdir()
     for name in ("CT_small.dcm", "MR_small.dcm", "examples_overlay.dcm", "examples_ybr_color.dcm"):
         shutil.copy(pydicom_file(name), src / name)
+    raw_ct = bytearray((src / "CT_small.dcm").read_bytes())  # PHI in the 128-byte Part 10 preamble
+    raw_ct[:PREAMBLE_PHI_LEN] = PREAMBLE_PHI
+    (src / "CT_small.dcm").write_bytes(bytes(raw_ct))
     shutil.copytree(pydicom_file("CT_small.dcm").parent / "dicomdirtests" / "98892003", src / "dicomdir")
     shutil.copy(
         pydicom_file("CT_small.dcm").parent / "dicomdirtests" / "DICOMDIR", src / "dicomdir" / "DICOMDIR"
@@ -197,6 +202,11 @@ def test_no_phi_survives_in_real_and_planted_files(
         assert planted.ImageComments == "Patient * * seen *, MRN *"
     else:
         assert "StudyDescription" not in planted and "ImageComments" not in planted
+    for rel in result.written:  # the preamble is zeroed in every output, the planted PHI is gone
+        raw = (tmp_path / "out" / rel).read_bytes()
+        assert raw[:132] == b"\0" * 128 + b"DICM", rel
+    raw_ct_out = (tmp_path / "out" / "CT_small.dcm").read_bytes()
+    assert b"Doe^John" not in raw_ct_out and b"19700101" not in raw_ct_out
     overlay = pydicom.dcmread(tmp_path / "out" / "examples_overlay.dcm")
     assert not [e for e in overlay if 0x6000 <= e.tag.group <= 0x60FF]  # the whole overlay group is gone
 
@@ -384,6 +394,99 @@ def test_burned_in_images_are_quarantined_unless_allowed(
     )
     assert len(allowed.written) == 4 and not allowed.quarantined
     assert pydicom.dcmread(tmp_path / "out2" / "flagged.dcm").BurnedInAnnotation == "YES"
+
+
+def encapsulated_pdf(path: Path, phi: bytes) -> Path:
+    """An Encapsulated PDF instance whose PDF carries ``phi`` (as a report's header would), header clean."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    pdf = (b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n"
+           b"2 0 obj << /Length 44 >> stream\nBT (Report for " + phi + b") Tj ET\nendstream endobj\n%%EOF\n")  # fmt: skip
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.104.1", generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality = "Clean^Header", "X1", "DOC"
+    ds.MIMETypeOfEncapsulatedDocument, ds.DocumentTitle = "application/pdf", "Report"
+    ds.EncapsulatedDocument = pdf + (b"\0" if len(pdf) % 2 else b"")
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = (
+        ds.SOPClassUID,
+        ds.SOPInstanceUID,
+    )
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_encapsulated_documents_are_always_quarantined(
+    tmp_path: Path, pydicom_file: Callable[[str], Path]
+) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    phi = b"Doe^Johnathan born 19610412"
+    encapsulated_pdf(src / "report.dcm", phi)
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))  # an image carrying a document deep in a sequence
+    item = Dataset()
+    item.EncapsulatedDocument = b"%PDF-1.4 " + phi + b"\0"
+    ds.ProcedureCodeSequence = Sequence([item])
+    ds.save_as(src / "ct_with_doc.dcm", enforce_file_format=True)
+    shutil.copy(pydicom_file("MR_small.dcm"), src / "mr.dcm")
+
+    for out, opts in (("out", DeidOptions()), ("out2", DeidOptions(allow_burned_in=True))):
+        result = deidentify(src, tmp_path / out, key_file=tmp_path / "key", options=opts)
+        reasons = {str(p): why for p, why in result.quarantined}
+        assert sorted(reasons) == ["ct_with_doc.dcm", "report.dcm"]  # --allow-burned-in does not let them out
+        assert "Encapsulated PDF" in reasons["report.dcm"] and "(0042,0011)" in reasons["ct_with_doc.dcm"]
+        assert [str(p) for p in result.written] == ["mr.dcm"]
+        assert sorted(p.name for p in (tmp_path / out).iterdir()) == ["deid_audit.csv", "mr.dcm"]
+        rows = {r["file"]: r for r in read_audit(result.audit_path) if r["action"] == "quarantined"}
+        assert set(rows) == set(reasons) and "encapsulated document" in rows["report.dcm"]["rule"]
+        for path in (tmp_path / out).iterdir():
+            assert b"Johnathan" not in path.read_bytes()
+
+
+def test_icon_images_and_encrypted_attributes_are_removed_everywhere(
+    tmp_path: Path, pydicom_file: Callable[[str], Path]
+) -> None:
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+
+    def icon() -> Dataset:  # a thumbnail whose pixels spell a name (burned-in text, as bytes)
+        item = Dataset()
+        item.Rows, item.Columns, item.SamplesPerPixel, item.PhotometricInterpretation = (
+            1,
+            14,
+            1,
+            "MONOCHROME2",
+        )
+        item.BitsAllocated, item.BitsStored, item.HighBit, item.PixelRepresentation = 8, 8, 7, 0
+        item.PixelData = b"Iconname^Jane"[:14].ljust(14, b"_")
+        return item
+
+    ds.IconImageSequence = Sequence([icon()])
+    code = Dataset()  # a sequence outside the table is kept and walked: the nested icon must go too
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "P-1", "99LOCAL", "CT chest"
+    code.IconImageSequence = Sequence([icon()])
+    ds.ProcedureCodeSequence = Sequence([code])
+    encrypted = Dataset()
+    encrypted.EncryptedContentTransferSyntaxUID = "1.2.840.10008.1.2.1"
+    encrypted.EncryptedContent = b"Cryptname^Original\0\0"
+    ds.EncryptedAttributesSequence = Sequence([encrypted])
+    ds.save_as(tmp_path / "ct.dcm", enforce_file_format=True)
+
+    result = deidentify(tmp_path / "ct.dcm", tmp_path / "out", key_file=tmp_path / "key")
+    out_path = tmp_path / "out" / "ct.dcm"
+    raw = out_path.read_bytes()
+    assert b"Iconname" not in raw and b"Cryptname" not in raw
+    out = pydicom.dcmread(out_path)
+    assert not [e for e in walk(out) if e.keyword in ("IconImageSequence", "EncryptedAttributesSequence")]
+    assert out.ProcedureCodeSequence[0].CodeMeaning == "CT chest" and out.pixel_array.shape == (128, 128)
+    removed = {r["path"]: r["rule"] for r in read_audit(result.audit_path) if r["action"] == "removed"}
+    assert (
+        "icon" in removed["IconImageSequence"]
+        and "icon" in removed["ProcedureCodeSequence[0].IconImageSequence"]
+    )
+    assert "encrypted" in removed["EncryptedAttributesSequence"]
 
 
 # ---- audit, options, key, errors -------------------------------------------------------------------------------

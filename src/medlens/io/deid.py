@@ -26,7 +26,10 @@
   (CID 7050 codes of the profile and options used) and LongitudinalTemporalInformationModified.
 
 Images that may carry burned-in text (BurnedInAnnotation=YES, ultrasound, secondary capture) are not written
-unless ``allow_burned_in``: they are listed as quarantined in the audit (nothing of them is copied). DICOMDIR
+unless ``allow_burned_in``: they are listed as quarantined in the audit (nothing of them is copied). Encapsulated
+documents (PDF, CDA, STL, OBJ, MTL SOP classes, or any Encapsulated Document (0042,0011) anywhere in a file) are
+always quarantined: the document itself carries the name and birth date and is not de-identified; no option
+writes them. The 128-byte Part 10 preamble is zeroed (it is free bytes a writer may fill with anything). DICOMDIR
 index files are skipped (they repeat patient data and point at byte offsets of the original files): rebuild
 one on the output with a DICOMDIR tool. Files and folder names are copied as they are: rename them first if
 they contain identifiers.
@@ -69,6 +72,7 @@ __all__ = [
     "Deidentifier",
     "burned_in_reason",
     "deidentify",
+    "encapsulated_document_reason",
     "load_or_create_key",
     "read_audit",
     "scrub_text",
@@ -76,6 +80,15 @@ __all__ = [
 
 _SC_SOP_PREFIX = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture (single and multi-frame)
 _DICOMDIR_SOP = "1.2.840.10008.1.3.10"
+_ENCAPSULATED_SOPS = {
+    "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF",
+    "1.2.840.10008.5.1.4.1.1.104.2": "Encapsulated CDA",
+    "1.2.840.10008.5.1.4.1.1.104.3": "Encapsulated STL",
+    "1.2.840.10008.5.1.4.1.1.104.4": "Encapsulated OBJ",
+    "1.2.840.10008.5.1.4.1.1.104.5": "Encapsulated MTL",
+}
+_ENCAPSULATED_DOCUMENT = 0x00420011
+_PREAMBLE = b"\0" * 128
 _KEY_BYTES = 32
 
 
@@ -163,6 +176,23 @@ def burned_in_reason(ds: Dataset) -> str | None:
         return "ultrasound (modality US) images often carry burned-in text"
     if str(ds.get("SOPClassUID", "")).startswith(_SC_SOP_PREFIX):
         return "secondary capture images often carry burned-in text"
+    return None
+
+
+def encapsulated_document_reason(ds: Dataset) -> str | None:
+    """Why ``ds`` holds an encapsulated document medlens cannot de-identify (always quarantined), or None."""
+    meta_sop = getattr(ds.get("file_meta", None), "MediaStorageSOPClassUID", "")
+    for sop in (str(ds.get("SOPClassUID", "") or ""), str(meta_sop or "")):
+        if sop in _ENCAPSULATED_SOPS:
+            return (
+                f"encapsulated document ({_ENCAPSULATED_SOPS[sop]}): the document usually carries the patient's "
+                "name and birth date and is not de-identified; never written"
+            )
+    if any(elem.tag == _ENCAPSULATED_DOCUMENT for elem in ds.iterall()):
+        return (
+            "carries an encapsulated document (Encapsulated Document (0042,0011)) that is not de-identified; "
+            "never written"
+        )
     return None
 
 
@@ -287,14 +317,18 @@ def _one_file(
         return _skip(result, rows, rel, "DICOMDIR index (holds patient data and offsets into the originals)")
     if ds is None or not sop or "SOPInstanceUID" not in ds:
         return _skip(result, rows, rel, "not a DICOM instance (no SOP Class UID or SOP Instance UID)")
+    try:
+        document = encapsulated_document_reason(ds)
+    except Exception as e:  # a malformed sequence deep in the file: cannot tell, so do not write it
+        return _skip(result, rows, rel, f"could not be checked for documents ({type(e).__name__}: {e})")
+    if document:
+        return _quarantine(result, rows, rel, document, document)
     reason = burned_in_reason(ds)
     if reason and not deid.options.allow_burned_in:
-        result.quarantined.append((rel, reason))
-        rows.append(AuditRow(str(rel), "", "", "", "quarantined", f"{reason} (--allow-burned-in)", "", ""))
-        log.warning("%s: quarantined, not written: %s", rel, reason)
-        return None
+        return _quarantine(result, rows, rel, reason, f"{reason} (--allow-burned-in)")
     try:
         file_rows = deid.deidentify_dataset(ds, str(rel))
+        ds.preamble = _PREAMBLE  # free bytes before "DICM": a writer may have put anything there
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
     except Exception as e:  # one malformed element deep in one file must not stop the batch
@@ -305,6 +339,12 @@ def _one_file(
     result.actions.update(r.action for r in file_rows)
     result.untouched += deid.last_untouched
     return None
+
+
+def _quarantine(result: DeidResult, rows: list[AuditRow], rel: Path, reason: str, rule: str) -> None:
+    result.quarantined.append((rel, reason))
+    rows.append(AuditRow(str(rel), "", "", "", "quarantined", rule, "", ""))
+    log.warning("%s: quarantined, not written: %s", rel, reason)
 
 
 def _skip(result: DeidResult, rows: list[AuditRow], rel: Path, reason: str) -> None:

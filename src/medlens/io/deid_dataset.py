@@ -41,6 +41,12 @@ _VERSION_DATES = {
     "TemplateVersion",
     "TemplateLocalVersion",
 }
+# Removed wherever they occur, whatever the IOD type: an icon is a thumbnail of the image that may show burned-in
+# text; encrypted attributes hold original (identifying) values for whoever holds the recipient's key.
+_ALWAYS_REMOVED = {
+    0x00880200: "X (icon image: a thumbnail that may show burned-in text)",
+    0x04000500: "X (encrypted attributes: original values, readable with the recipient's key)",
+}
 # Identifiers collected for the descriptor scrubber (besides every person name).
 _IDENTIFIER_KEYWORDS = (
     "PatientID", "OtherPatientIDs", "PatientBirthDate", "AccessionNumber", "StudyID", "MedicalRecordLocator",
@@ -175,6 +181,8 @@ class ProfileWalk:
             return None
         if 0x6000 <= tag.group <= 0x60FF and tag.group % 2 == 0:
             return self._remove(d, elem, prefix, "X (overlay group 60xx)")
+        if tag in _ALWAYS_REMOVED:
+            return self._remove(d, elem, prefix, _ALWAYS_REMOVED[tag])
         rule = profile.rule_for(tag, self.opts)
         if rule is None:
             return self._unlisted(d, elem, kws, prefix, mode)
