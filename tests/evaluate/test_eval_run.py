@@ -122,7 +122,10 @@ def test_shift_names_a_site_never_seen_in_training() -> None:
     )  # fmt: skip
     result = shift(info, SimpleNamespace(training=training), got, seed=0)
     assert result["training_sites"] == ["A", "B"] and result["held_out_sites"] == ["C"]
-    assert result["held_out"] == {"estimate": pytest.approx(perf[6:].mean()), "n": 6}
-    assert result["seen"]["estimate"] == pytest.approx(perf[:6].mean())
+    held, seen = result["held_out"], result["seen"]
+    assert held["n"] == seen["n"] == 6 and held["estimate"] == pytest.approx(perf[6:].mean())
+    assert held["ci"][0] <= held["estimate"] <= held["ci"][1]
+    assert seen["estimate"] == pytest.approx(perf[:6].mean())
+    assert result["gap"]["excludes_zero"]  # 0.88 vs 0.60 on 6 cases each, tight spreads
     by_site = {g["group"]: g for g in result["per_site"]["groups"]}
     assert by_site["C"]["estimate"] == pytest.approx(perf[6:].mean())

@@ -42,8 +42,11 @@ def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess[str]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
 
 
-def test_report_renders_in_chromium_without_console_errors(cls_evaluated: Any, tmp_path: Path) -> None:
-    _, run, _ = cls_evaluated
+@pytest.mark.parametrize("which", ["seg_evaluated", "cls_evaluated"])
+def test_report_renders_in_chromium_without_console_errors(which: str, request: Any, tmp_path: Path) -> None:
+    from test_report_trust import SECTIONS
+
+    _, run, _ = request.getfixturevalue(which)
     report = build_report(run, out=tmp_path / "report.html")
     probe = tmp_path / "probe.html"
     probe.write_text(report.read_text().replace("</body>", PROBE + "</body>"))
@@ -54,8 +57,8 @@ def test_report_renders_in_chromium_without_console_errors(cls_evaluated: Any, t
     dom = res.stdout
     console = [line for line in res.stderr.splitlines() if ":CONSOLE" in line]
     assert console == [], console
-    for title in ("At a glance", "Calibration", "Subgroups (fairness)", "Robustness", "Explanations"):
-        assert f">{title}<" in dom
+    for title in SECTIONS:
+        assert f">{title}<" in dom, title
     decoded = re.search(r'data-decoded="(\d+)"', dom)
     total = re.search(r'data-total="(\d+)"', dom)
     assert decoded and total, "the page's load event did not run"

@@ -33,11 +33,26 @@ def evaluate(
 
     Example: medlens evaluate runs/bt --data data/brain-tissue
     """
-    from medlens.evaluate.run_eval import evaluate_run
+    import logging
 
-    path = evaluate_run(
-        run, data, out, split=split, seed=seed, fast=fast, progress=lambda t: _echo(f"[dim]{t}[/dim]")
-    )
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from medlens.evaluate.run_eval import STAGES, evaluate_run
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, disable=logging.getLogger().level > logging.INFO) as bar:
+        task = bar.add_task("evaluate", total=len(STAGES) + 1)
+
+        counted: list[str] = []
+
+        def stage(text: str) -> None:
+            if not text.startswith("decide"):  # the referral decision comes before the counted stages
+                bar.advance(task, 1 if counted else 0)
+                counted.append(text)
+            bar.update(task, description=text)
+
+        path = evaluate_run(run, data, out, split=split, seed=seed, fast=fast, progress=stage)
+        bar.update(task, completed=len(STAGES) + 1)
     _echo(f"wrote {path}")
     if report:
         from medlens.report.trust import build_report

@@ -24,9 +24,14 @@ ROBUSTNESS_CASES = {"segmentation": (3, 6), "classification": (24, 200)}
 
 
 # ---- calibration ---------------------------------------------------------------------------------------------
-def calibration(info: dict[str, Any], run_dir: Any, got: Collected) -> dict[str, Any]:
+def calibration(info: dict[str, Any], run_dir: Any, got: Collected, split: str = "test") -> dict[str, Any]:
     """Classifiers: ECE before/after temperature scaling fitted on the run's validation predictions.
-    Segmenters: voxel-level ECE of the foreground probabilities on the evaluated cases."""
+    Segmenters: voxel-level ECE of the class probabilities on the evaluated cases.
+
+    ``before`` is what ``medlens predict`` returns (the run does not apply the temperature); ``after`` shows
+    what scaling would give. On ``split="val"`` the temperature is fitted and measured on the same cases
+    (in-sample), which the note says.
+    """
     from medlens.evaluate import calibration as cal
 
     if got.task == "segmentation":
@@ -41,7 +46,16 @@ def calibration(info: dict[str, Any], run_dir: Any, got: Collected) -> dict[str,
             "note": "the run has no validation predictions: temperature scaling was not fitted",
         }
     report = cal.calibration_report(val_p, val_y, got.arrays["probs"], got.arrays["y"], ctype)
-    return {"kind": "classification", "n_validation": len(val_p), **report}
+    notes = [str(report.pop("note"))] if report.get("note") else []
+    notes.append("medlens predict returns the probabilities before scaling (the run does not store T)")
+    if split == "val":
+        notes.append("evaluated on the validation cases T was fitted on: 'after' is in-sample, optimistic")
+    if len(info.get("folds", [])) > 1:
+        notes.append(
+            "T was fitted on each fold's own validation predictions and is applied to the fold ensemble's "
+            "averaged probabilities, which are usually less confident"
+        )
+    return {"kind": "classification", "n_validation": len(val_p), **report, "note": "; ".join(notes) + "."}
 
 
 def validation_evidence(info: dict[str, Any]) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -130,10 +144,13 @@ def shift(info: dict[str, Any], dataset: Any, got: Collected, *, seed: int = 0) 
         "per_site": per_site,
     }
     if held_out:
-        idx_out = np.asarray([i for i, s in enumerate(got.sites) if s in held_out])
-        idx_in = np.asarray([i for i, s in enumerate(got.sites) if s is not None and s not in held_out])
-        result["held_out"] = {"estimate": metric(idx_out), "n": len(idx_out)}
-        result["seen"] = {"estimate": metric(idx_in) if len(idx_in) else None, "n": len(idx_in)}
+        column = ["held-out" if s in held_out else None if s is None else "seen" for s in got.sites]
+        versus = subgroup_analysis(metric, len(got.ids), column, "held-out site", min_size=2, seed=seed)
+        by_group = {g["group"]: g for g in versus["groups"]}
+        for key, group in (("held_out", "held-out"), ("seen", "seen")):
+            g = by_group.get(group)
+            result[key] = {"estimate": g["estimate"], "ci": g["ci"], "n": g["n"]} if g else None
+        result["gap"] = versus["gap"]
     else:
         result["note"] = "every evaluated site was seen in training: no held-out site in this dataset"
     return result
@@ -156,7 +173,7 @@ def deferral(info: dict[str, Any], got: Collected) -> dict[str, Any]:
         "referral": referral,
     }
     if referral and referral.get("threshold") is not None:
-        refer = got.uncertainty >= float(referral["threshold"])
+        refer = got.uncertainty > float(referral["threshold"])  # the rule of explain.uncertainty.refer
         out["referred"] = {
             "n": int(refer.sum()),
             "of": len(refer),

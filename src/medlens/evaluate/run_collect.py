@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,8 +22,22 @@ log = logging.getLogger(__name__)
 N_WORST = 3
 
 
+def uncertainty_settings(referral: Mapping[str, Any] | None, fast: bool) -> tuple[str, int]:
+    """The uncertainty method and sample count: the run's referral ones when it has a threshold (scores are
+    only comparable with it when computed the same way), else automatic with 4 (fast) or 8 samples."""
+    if referral and referral.get("method"):
+        return str(referral["method"]), int(referral.get("samples") or 8)
+    return "auto", 4 if fast else 8
+
+
 def collect_segmentation(
-    predictor: Any, dataset: Any, cases: Sequence[Any], *, seed: int = 0, fast: bool = False
+    predictor: Any,
+    dataset: Any,
+    cases: Sequence[Any],
+    *,
+    seed: int = 0,
+    fast: bool = False,
+    referral: Mapping[str, Any] | None = None,
 ) -> Collected:
     """Predict every case (labels and probabilities in its own geometry), score it in mm, and estimate its
     uncertainty; keep the axial slice with most reference foreground of every case for the pictures."""
@@ -40,6 +54,7 @@ def collect_segmentation(
     truth_list: list[np.ndarray] = []
     pictures: dict[str, np.ndarray] = {}
     unc_info: dict[str, Any] = {}
+    method, samples = uncertainty_settings(referral, fast)
     for case in cases:
         image = read_case_image(dataset, case)
         truth = np.asarray(read_image(dataset.path(str(case.label))).array[0])
@@ -54,7 +69,7 @@ def collect_segmentation(
         probs_list.append(np.asarray(result.probabilities.array, dtype=np.float32))
         truth_list.append(truth)
         _, unc_image, score = segmentation_uncertainty(
-            predictor, image, method="auto", samples=4 if fast else 8, seed=seed
+            predictor, image, method=method, samples=samples, seed=seed
         )
         unc.append(float(score))
         unc_info = {k: v for k, v in (unc_image.meta or {}).items() if isinstance(v, str | int | float)}
@@ -94,7 +109,13 @@ def collect_segmentation(
 
 
 def collect_classification(
-    predictor: Any, dataset: Any, cases: Sequence[Any], *, seed: int = 0, fast: bool = False
+    predictor: Any,
+    dataset: Any,
+    cases: Sequence[Any],
+    *,
+    seed: int = 0,
+    fast: bool = False,
+    referral: Mapping[str, Any] | None = None,
 ) -> Collected:
     """Predict every image, compute the metrics at the run's stored threshold, each case's correctness and
     uncertainty; keep the worst (most confidently wrong) and the most confidently right images for pictures."""
@@ -115,7 +136,8 @@ def collect_classification(
         threshold=threshold, seed=seed,
     )  # fmt: skip
     correct = correctness(y, probs, predictor.ctype, threshold)
-    unc = classification_uncertainty(predictor, x, method="auto", samples=4 if fast else 8, seed=seed)
+    method, samples = uncertainty_settings(referral, fast)
+    unc = classification_uncertainty(predictor, x, method=method, samples=samples, seed=seed)
     loss = _case_loss(y, probs, predictor.ctype)
     order = np.argsort(-loss)
     worst = [int(i) for i in order[:N_WORST]]

@@ -33,6 +33,8 @@ EVALUATION_VERSION = 1
 ID_COLUMNS = ("patient_id", "study_id", "subject", "id")
 #: Below this many cases a subgroup is reported as too small to compare.
 MIN_GROUP_SIZE = 5
+#: The evidence stages after the prediction pass, in order (each a key of ``evaluation.json``).
+STAGES = ("calibration", "subgroups", "shift", "uncertainty", "robustness", "explanations")
 
 
 @dataclass
@@ -108,7 +110,7 @@ def evaluate_run(
         from medlens.evaluate.run_collect import collect_segmentation as collect
     else:
         from medlens.evaluate.run_collect import collect_classification as collect
-    got = collect(predictor, dataset, cases, seed=seed, fast=fast)
+    got = collect(predictor, dataset, cases, seed=seed, fast=fast, referral=info.get("referral"))
 
     times: dict[str, float] = {"predict": round(time.perf_counter() - t0, 1)}
     result: dict[str, Any] = {
@@ -129,7 +131,7 @@ def evaluate_run(
         **got.extra,
     }
     stages: list[tuple[str, Callable[[], Any]]] = [
-        ("calibration", lambda: evidence.calibration(info, run_dir, got)),
+        ("calibration", lambda: evidence.calibration(info, run_dir, got, split)),
         ("subgroups", lambda: evidence.subgroups(got, seed=seed)),
         ("shift", lambda: evidence.shift(info, dataset, got, seed=seed)),
         ("uncertainty", lambda: evidence.deferral(info, got)),

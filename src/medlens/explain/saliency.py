@@ -182,7 +182,9 @@ def explain(
     if out.shape == tuple(x.shape[1:]):
         out = out.sum(0)
     if out.shape != spatial:
-        raise ValueError(f"saliency method {method!r} returned shape {out.shape}, expected {spatial}")
+        raise InputError(
+            f"saliency method {method!r} returned a map of shape {out.shape}; it must return {spatial}"
+        )
     out = out[crop]
     out = np.nan_to_num(np.clip(out, 0.0, None), nan=0.0, posinf=0.0)
     peak = float(out.max()) if out.size else 0.0

@@ -22,7 +22,8 @@ Scores (all in [0, 1]; higher = less sure):
   over the whole image when nothing is predicted (``score_region`` says which).
 
 Referral (:func:`decide_referral`): the threshold is the ``1 - fraction`` quantile of the scores of the run's
-validation cases, stored in ``run.json["referral"]``; a prediction is referred when ``score >= threshold``.
+validation cases, stored in ``run.json["referral"]``; a prediction is referred when ``score > threshold``
+(so a fraction of 0 refers nothing seen on validation, and ties at the threshold are kept).
 """
 
 from __future__ import annotations
@@ -361,10 +362,10 @@ def check_referral(run_dir: str | Path, method: str = "auto") -> str:
 
 
 def refer(score: float, referral: dict[str, Any] | None) -> bool | None:
-    """``score >= threshold``, or None when no threshold applies (never a made-up decision)."""
+    """``score > threshold``, or None when no threshold applies (never a made-up decision)."""
     if referral is None:
         return None
-    return bool(score >= float(referral["threshold"]))
+    return bool(score > float(referral["threshold"]))
 
 
 def decide_referral(
@@ -456,13 +457,13 @@ def decide_referral(
         "fraction": float(fraction),
         "reason": (
             f"{1 - fraction:.0%} quantile of the {score_name} of {len(values)} validation cases scored {scored}; "
-            "refer when score >= threshold"
+            "refer when score > threshold"
         ),
         "samples": samples,
         "seed": seed,
         "n_cases": len(values),
         "scored": scored,
-        "referred_validation": float((values >= threshold).mean()),
+        "referred_validation": float((values > threshold).mean()),
     }
     latest = read_run(run_dir)  # re-read: keep whatever else was written meanwhile
     latest["referral"] = section

@@ -60,7 +60,7 @@ def findings(ev: Mapping[str, Any]) -> list[str]:
             f"Only {n} evaluated cases: every interval below is wide; treat the estimates as preliminary."
         )
     cal = ev.get("calibration") or {}
-    ece = (cal.get("after") or cal.get("before") or {}).get("ece")
+    ece = (cal.get("before") or {}).get("ece")  # what predict returns: the run does not apply the temperature
     if ece is not None and ece > 0.1:
         out.append(f"Calibration error (ECE) {ece:.3f} > 0.1: the probabilities should not be read as risks.")
     for col, a in ((ev.get("subgroups") or {}).get("columns") or {}).items():
@@ -305,10 +305,12 @@ def shift(rep: Any, ev: Mapping[str, Any], prefix: str) -> None:
              for g in per_site["groups"]],
         )  # fmt: skip
     if sh.get("held_out"):
+        held, seen = sh["held_out"], sh.get("seen") or {}
         rep.key_values(
             "Held-out site(s) vs seen sites",
-            {"held-out": f"{_f(sh['held_out']['estimate'])} (n={sh['held_out']['n']})",
-             "seen": f"{_f((sh.get('seen') or {}).get('estimate'))} (n={(sh.get('seen') or {}).get('n')})"},
+            {"held-out": f"{ci_text({'estimate': held['estimate'], **_lohi(held.get('ci'))})} (n={held['n']})",
+             "seen": f"{ci_text({'estimate': seen.get('estimate'), **_lohi(seen.get('ci'))})} (n={seen.get('n')})",
+             "gap": gap_text(sh["gap"]) if sh.get("gap") else "–"},
         )  # fmt: skip
 
 
