@@ -46,10 +46,16 @@ def test_noise_sigma_is_the_stated_fraction_of_foreground_std() -> None:
     x = image.array[0].astype(np.float64)
     fg = x[x > np.percentile(x, 5)]  # the zero background is left out: std ~10, not the image's ~45
     assert 9.0 < fg.std() < 11.0 and x.std() > 30
+    inside = x != 0
+    assert (~inside).mean() > 0.05  # a masked image: its zero background stays zero (module docstring)
     for s in (0.25, 1.0):
         diff = perturb(image, "noise", s, seed=0).array[0] - x
-        assert diff.std() == pytest.approx(s * fg.std(), rel=0.03)
-        assert abs(diff.mean()) < 0.05 * s * fg.std()
+        assert diff[inside].std() == pytest.approx(s * fg.std(), rel=0.03)
+        assert abs(diff[inside].mean()) < 0.05 * s * fg.std()
+        assert np.all(diff[~inside] == 0)
+    full = image.with_array(image.array + 1.0)  # no exact zeros: noise everywhere
+    diff = perturb(full, "noise", 0.5, seed=0).array[0] - full.array[0]
+    assert np.all(diff != 0) and diff.std() == pytest.approx(0.5 * fg.std(), rel=0.03)
     a, b = perturb(image, "noise", 0.5, seed=7), perturb(image, "noise", 0.5, seed=7)
     np.testing.assert_array_equal(a.array, b.array)
     assert not np.array_equal(a.array, perturb(image, "noise", 0.5, seed=8).array)
@@ -57,10 +63,10 @@ def test_noise_sigma_is_the_stated_fraction_of_foreground_std() -> None:
 
 def test_blur_sigma_is_in_mm_along_every_axis() -> None:
     spacing = (0.5, 1.0, 2.0)
-    arr = np.zeros((41, 25, 15), np.float32)
-    arr[20, 12, 7] = 1000.0
+    arr = np.full((41, 25, 15), 10.0, np.float32)  # a background that is not a mask's exact zeros
+    arr[20, 12, 7] += 1000.0
     image = Image.from_spacing(arr[None], spacing)
-    out = perturb(image, "blur", 2.0).array[0]
+    out = perturb(image, "blur", 2.0).array[0] - 10.0
     assert out.sum() == pytest.approx(1000.0, rel=1e-4)
     centre = (20, 12, 7)
     for axis, sp in enumerate(spacing):
@@ -69,6 +75,17 @@ def test_blur_sigma_is_in_mm_along_every_axis() -> None:
         sigma_mm = np.sqrt((profile * mm**2).sum() / profile.sum())
         # same width in mm on each axis although the voxel widths are 4, 2 and 1 voxels
         assert sigma_mm == pytest.approx(2.0, rel=0.05), (axis, sigma_mm)
+
+
+def test_a_masked_images_zero_background_stays_zero() -> None:
+    image = _mr_like()
+    x = image.array[0]
+    background = x == 0
+    assert background.mean() > 0.05
+    for kind in ("noise", "blur", "contrast", "bias_field"):
+        out = perturb(image, kind, 1.0, seed=0).array[0]
+        assert np.all(out[background] == 0), kind
+        assert not np.allclose(out[~background], x[~background]), kind
 
 
 def test_contrast_is_gamma_on_the_rescaled_range() -> None:

@@ -67,7 +67,13 @@ def findings(ev: Mapping[str, Any]) -> list[str]:
         gap = a.get("gap")
         if gap and gap.get("excludes_zero"):
             out.append(f"Subgroup gap by {col}: {gap_text(gap)}, an interval that excludes 0.")
-        out += [f"{col}: {w}" for w in a.get("warnings", [])]
+        small = [g["group"] for g in a.get("groups", []) if g.get("too_small")]
+        if small:
+            out.append(
+                f"{col}: {len(small)} group(s) below {a.get('min_size', 'the minimum')} cases "
+                f"({', '.join(map(str, small[:6]))}{', ...' if len(small) > 6 else ''}): too few to compare"
+                + ("; no gap is estimated for this column." if not gap else ".")
+            )
     for method, check in ((ev.get("explanations") or {}).get("sanity") or {}).items():
         if not check.get("passed"):
             out.append(
