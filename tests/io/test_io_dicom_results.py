@@ -297,3 +297,39 @@ def test_pydicom_one_frame_liver_seg_reads(pydicom_file) -> None:
     assert len(painted) == 3  # the file references three CT slices but holds one frame
     assert sorted(painted.values()) == [0, 0, 36233]
     assert all(f.shape == (512, 512) for f in seg.frames.values())
+
+
+def test_2d_label_sizes_are_areas_in_mm2_not_volumes(tmp_path: Path) -> None:
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    from medlens.io.dicom_seg import segment_volumes
+
+    film = write_single_frame(
+        Image.from_spacing(np.arange(96, dtype=np.float32).reshape(1, 12, 8)), tmp_path / "f.dcm"
+    )
+    ds = pydicom.dcmread(film)
+    ds.PixelSpacing = [0.5, 0.8]  # rows 0.5 mm apart, columns 0.8 mm: a pixel is 0.4 mm2
+    ds.save_as(film)
+    image = read_image(film)
+    assert image.ndim == 2
+    label = (np.indices((12, 8)).sum(0) % 3).astype(np.uint8)
+    labels = {"bg": 0, "a": 1, "b": 2}
+    expected = {n: float(np.sum(label == v)) * 0.4 for n, v in labels.items() if v}
+    sizes = segment_volumes(image.with_array(label[None]), labels)
+    assert {n: s["mm2"] for n, s in sizes.items()} == pytest.approx(expected)
+    assert not any("mm3" in s for s in sizes.values())  # an area is not labelled as a volume
+    seg_path, sr_path = write_dicom_results(
+        image.with_array(label[None]), dicom_sources(image), tmp_path / "out", run_info=run_info(labels)
+    )
+    number_to_label = {
+        int(s.SegmentNumber): str(s.SegmentLabel) for s in pydicom.dcmread(seg_path).SegmentSequence
+    }
+    found = {}
+    for group in hd.sr.srread(sr_path).content.get_volumetric_roi_measurement_groups():
+        (area,) = group.get_measurements()
+        assert area.name == codes.SCT.Area and area.unit.value == "mm2"
+        found[number_to_label[group.referenced_segment.referenced_segment_numbers[0]]] = area.value
+    assert found == pytest.approx(expected)
+    assert dciodvfy_errors(sr_path) == []

@@ -101,6 +101,15 @@ def test_openapi_schema_documents_the_api(client: TestClient) -> None:
         "application/json",
     }
     assert {"401", "413", "429"} <= set(upload["responses"])
+    predict = paths["/models/{name}/predict"]["post"]
+    for op in (upload, predict):  # one set of options for both routes
+        assert {p["name"] for p in op["parameters"]} == {
+            "name",
+            "tta",
+            "probabilities",
+            "uncertainty",
+            "series",
+        }
     job = schema["components"]["schemas"]["JobResults"]["properties"]
     assert "refer" in job and job["refer"]["description"]
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
@@ -374,11 +383,17 @@ def test_pacs_job_fetches_through_the_server_config(
     calls: list[tuple[Any, ...]] = []
 
     def fake_pull(
-        config: Any, study_uid: str, out_dir: Path, *, series_uid: Any = None, protocol: str = ""
+        config: Any,
+        study_uid: str,
+        out_dir: Path,
+        *,
+        series_uid: Any = None,
+        protocol: str = "",
+        max_bytes: int | None = None,
     ) -> list[Path]:
-        calls.append((config.url, study_uid, series_uid, protocol))
+        calls.append((config.url, study_uid, series_uid, protocol, max_bytes))
         out = []
-        for f in files:
+        for f in files if study_uid == study else [huge_header(tmp_path / "huge.dcm", study_uid)]:
             out.append(Path(out_dir) / "series" / f.name)
             out[-1].parent.mkdir(parents=True, exist_ok=True)
             out[-1].write_bytes(f.read_bytes())
@@ -388,7 +403,13 @@ def test_pacs_job_fetches_through_the_server_config(
     config = tmp_path / "pacs.toml"
     config.write_text('[dicomweb]\nurl = "http://127.0.0.1:9/dicom-web"\n')
     app = create_app(
-        [seg_run[1]], names=["m"], token=None, threads=1, work_dir=tmp_path / "jobs", pacs_config=config
+        [seg_run[1]],
+        names=["m"],
+        token=None,
+        threads=1,
+        work_dir=tmp_path / "jobs",
+        pacs_config=config,
+        max_unpacked_mb=1,
     )
     with TestClient(app) as c:
         for bad in ({"study": "../../etc"}, {"study": study, "series": "1.2.x"}, {"series": "1.2"}):
@@ -396,8 +417,14 @@ def test_pacs_job_fetches_through_the_server_config(
         r = c.post("/models/m/jobs", json={"study": study})
         assert r.status_code == 202 and r.json()["input"] == "pacs"
         status = wait_plain(c, r.json()["id"])
+        # a study whose header claims gigabytes of (compressed) pixels: refused before decoding, 413 when waiting
+        huge = c.post("/models/m/predict", json={"study": "1.2.3.4"})
+        assert huge.status_code == 413 and "decoded pixel data" in huge.json()["detail"]
     assert status["state"] == "done", status["error"]
-    assert calls == [("http://127.0.0.1:9/dicom-web", study, None, "dicomweb")]
+    assert calls == [
+        ("http://127.0.0.1:9/dicom-web", study, None, "dicomweb", 2**20),  # the server's size budget
+        ("http://127.0.0.1:9/dicom-web", "1.2.3.4", None, "dicomweb", 2**20),
+    ]
     assert {"label.nii.gz", "result_seg.dcm", "result_sr.dcm"} <= {
         f["name"] for f in status["results"]["files"]
     }
@@ -410,3 +437,113 @@ def wait_plain(client: TestClient, job_id: str) -> dict[str, Any]:
             return dict(status)
         time.sleep(0.02)
     raise TimeoutError(job_id)
+
+
+def huge_header(path: Path, study_uid: str | None = None) -> Path:
+    """A header-only JPEG 2000 MR file claiming 65535 x 65535 pixels x 1000 frames x 2 bytes (about 8 TB)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import JPEG2000Lossless, MRImageStorage, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.SOPClassUID = MRImageStorage
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid or generate_uid(), generate_uid()
+    ds.Modality = "MR"
+    ds.Rows = ds.Columns = 65535
+    ds.NumberOfFrames = 1000
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_dicom_claiming_huge_pixel_data_is_refused_with_413(
+    client: TestClient, work: Path, tmp_path: Path
+) -> None:
+    before = _jobs_in(work)
+    body = huge_header(tmp_path / "huge.dcm").read_bytes()
+    r = client.post("/models/blobs/jobs", headers=AUTH, content=body)
+    assert (
+        r.status_code == 413 and "decoded pixel data" in r.json()["detail"] and "limit" in r.json()["detail"]
+    )
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("a.dcm", body)
+    assert (
+        client.post("/models/blobs/jobs", headers=AUTH, files={"file": ("s.zip", buf.getvalue())}).status_code
+        == 413
+    )
+    assert _jobs_in(work) == before
+
+
+def test_uploads_in_progress_hold_their_place_in_the_queue(client: TestClient, work: Path) -> None:
+    """Capacity 2 (1 worker + max_queue 1): two uploads still arriving fill it; a third is refused at once."""
+    import asyncio
+
+    import httpx
+
+    jobs = client.app.state.jobs  # type: ignore[attr-defined]
+    before = _jobs_in(work)
+
+    async def scenario() -> tuple[int, list[int], int]:
+        gate = asyncio.Event()
+
+        async def slow_body() -> Any:
+            yield b"\0" * 1024
+            await gate.wait()
+            yield b"\0" * 1024
+
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as ac:
+            uploads = [
+                asyncio.create_task(ac.post("/models/blobs/jobs", headers=AUTH, content=slow_body()))
+                for _ in range(2)
+            ]
+            for _ in range(500):  # until both uploads have their job folder (they are arriving)
+                if len(_jobs_in(work) - before) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            third = await ac.post("/models/blobs/jobs", headers=AUTH, content=b"just text")
+            gate.set()
+            done = await asyncio.gather(*uploads)
+            after = await ac.post("/models/blobs/jobs", headers=AUTH, content=b"just text")
+        return third.status_code, [d.status_code for d in done], after.status_code
+
+    third, uploads, after = asyncio.run(scenario())
+    assert third == 429  # two uploads in progress already hold the capacity
+    assert uploads == [400, 400]  # they finished (not an image) ...
+    assert after == 400 and jobs.pending == 0  # ... and freed their places
+
+
+def test_viewer_colour_range_reaches_the_largest_label_value(client: TestClient) -> None:
+    """Labels {1, 5}: the overlay's range must end at 5, not at the number of classes (2)."""
+    from functools import partial
+    from types import SimpleNamespace
+
+    from medlens.io import Image
+    from medlens.serve.runner import ServedModel, run_job
+
+    arr = np.zeros((1, 6, 5, 4), np.uint8)
+    arr[0, :2], arr[0, 4:] = 1, 5
+
+    class Predictor:
+        def __init__(self) -> None:
+            self.labels = {"background": 0, "liver": 1, "tumour": 5}
+
+        def predict(self, image: Any, tta: bool = False, probabilities: bool = False) -> Any:
+            return SimpleNamespace(label=image.with_array(arr), probabilities=None, seconds=0.0)
+
+    model = ServedModel("fake", Path("."), "segmentation", Predictor(), {}, "torch")
+    jobs = client.app.state.jobs  # type: ignore[attr-defined]
+    job = jobs.new("blobs", "nifti")
+    write_image(Image(np.ones((1, 6, 5, 4), np.float32), np.eye(4)), job.input_dir / "image.nii")
+    jobs.submit(job, partial(run_job, model=model)).result(timeout=30)
+    assert job.state == "done", job.error
+    link = client.post(f"/jobs/{job.id}/viewer", headers=AUTH).json()["url"]
+    client.get(link, follow_redirects=False)  # the ticket becomes the viewer cookie
+    info = client.get(f"/viewer/{job.id}/status").json()
+    assert info["state"] == "done" and info["max_label"] == 5

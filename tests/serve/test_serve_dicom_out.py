@@ -121,3 +121,32 @@ def test_classification_sr_carries_the_predicted_probabilities(cls_run, tmp_path
     assert values["Threshold Value"] == pytest.approx(row["threshold"])
     decision = {e.name.meaning: e.value.meaning for e in group.get_qualitative_evaluations()}
     assert decision["Predicted class"] == row["prediction"]
+
+
+def test_a_hostile_series_number_cannot_choose_where_results_land(tmp_path: Path) -> None:
+    """A PACS sends the headers: SeriesNumber as LO '/../../escaped' must not climb out of the output folder."""
+    from pydicom.dataelem import DataElement
+
+    from medlens.serve.dicom_out import dicom_sources, write_dicom_results
+
+    image = Image((np.indices((6, 5, 3)).sum(0) % 2 * 50.0 + 10.0)[None], np.eye(4), modality="MR")
+    write_mr_series(image, tmp_path / "series")
+    source = read_image(tmp_path / "series")
+    sources = dicom_sources(source)
+    for ds in sources:  # explicit VR lets a file declare SeriesNumber as any string VR
+        ds[0x00200011] = DataElement(0x00200011, "LO", "/../../escaped")
+    out = tmp_path / "a" / "b" / "out"
+    label = source.with_array((np.asarray(source.array) > 30).astype(np.uint8))
+    info = {"task": "segmentation", "run_name": "r", "dataset": {"name": "d", "labels": {"bg": 0, "fg": 1}}}
+    paths = write_dicom_results(label, sources, out, run_info=info)
+    assert [p.parent for p in paths] == [out, out]
+    assert all(p.name.startswith("series") and "/" not in p.name for p in paths)
+    assert not list(tmp_path.rglob("escaped*"))
+    for hostile, expected in (("../../x", "_.._x"), ("...", "result"), ("a/b c" * 40, None)):
+        from medlens.serve.dicom_out import MAX_STEM, safe_stem
+
+        stem = safe_stem(hostile)
+        assert stem == expected if expected else len(stem) == MAX_STEM
+        assert not stem.startswith(".") and set(stem) <= set(
+            "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
+        )

@@ -356,3 +356,20 @@ def test_run_on_study_asks_which_series_when_several(series: dict[str, object], 
             run_on_study(tmp_path / "no-run", _config(pacs), str(series["study"]))
         with pytest.raises(PacsNotFoundError, match=r"series 1\.2\.3 of study"):
             run_on_study(tmp_path / "no-run", _config(pacs), str(series["study"]), series_uid="1.2.3")
+
+
+def test_retrieval_past_the_byte_budget_stops_with_too_large(
+    series: dict[str, object], tmp_path: Path
+) -> None:
+    from medlens.serve.pacs_run import pull
+    from medlens.serve.security import TooLarge
+
+    one = Path(str(series["files"][0])).stat().st_size  # type: ignore[index]
+    with fake_pacs(_loaded(FakePacs(), series)) as pacs:
+        with pytest.raises(TooLarge, match=r"the PACS at .* sent more than the limit"):
+            pull(_config(pacs), str(series["study"]), tmp_path / "out", max_bytes=3 * one)
+        assert len(pull(_config(pacs), str(series["study"]), tmp_path / "all", max_bytes=13 * one)) == 12
+    landed = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert len(landed) <= 3 and not [
+        p for p in landed if p.name.startswith(".")
+    ]  # stopped, no temporary left

@@ -177,3 +177,45 @@ def test_instances_with_bad_uids_are_refused(scp: tuple[_FakeScp, PacsConfig], t
     finally:
         config.settings.reading_validation_mode = config.WARN
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+
+
+def test_move_scp_accepts_only_the_pacs_ae_title_from_the_pacs_address(
+    scp: tuple[_FakeScp, PacsConfig],
+) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    _, cfg = scp
+    stored: list[Any] = []
+
+    def associate(calling: str, source: str = "127.0.0.1") -> Any:
+        ae = AE(ae_title=calling)
+        ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 3
+        ae.add_requested_context(CTImageStorage)
+        return ae.associate("127.0.0.1", cfg.move_port, ae_title="MEDLENS", bind_address=(source, 0))
+
+    with DimseClient(cfg).storage_scp(lambda event: stored.append(event) or 0x0000) as server:
+        assert server.server_address[0] == "127.0.0.1"  # a PACS on loopback: listen on loopback only
+        intruder = associate("INTRUDER")
+        assert intruder.is_rejected and not intruder.is_established
+        other_host = associate("FAKEPACS", source="127.0.0.2")  # the right AE title from another address
+        assert not other_host.is_established
+        pacs = associate("FAKEPACS")
+        assert pacs.is_established
+        pacs.release()
+
+
+def test_retrieval_past_the_byte_budget_stops_with_too_large(
+    scp: tuple[_FakeScp, PacsConfig], tmp_path: Path
+) -> None:
+    from medlens.serve.security import TooLarge
+
+    _, cfg = scp
+    src = write_mr_series(tmp_path / "mr", shape=(8, 8, 4))
+    DimseClient(cfg).store(src["files"])  # type: ignore[arg-type]
+    one = Path(src["files"][0]).stat().st_size  # type: ignore[index]
+    with pytest.raises(TooLarge, match="more than the limit"):
+        DimseClient(cfg).retrieve(str(src["study"]), tmp_path / "out", max_bytes=2 * one)
+    assert len([p for p in (tmp_path / "out").rglob("*") if p.is_file()]) <= 2  # nothing past the budget
+    files = DimseClient(cfg).retrieve(str(src["study"]), tmp_path / "all", max_bytes=10 * one)
+    assert len(files) == 4

@@ -135,14 +135,14 @@ def _first_window(ds: Any) -> list[float] | None:
 def _frame_rescale(ds: Any, nframes: int, mod: str) -> tuple[list[float], list[float]]:
     """Slope and intercept per stored frame: from the functional groups (enhanced), else the dataset's."""
     if "PerFrameFunctionalGroupsSequence" in ds:
-        pairs = [rescale_of(_frame_item(ds, f, "PixelValueTransformationSequence")) for f in range(nframes)]
+        pairs = [rescale_of(frame_item(ds, f, "PixelValueTransformationSequence")) for f in range(nframes)]
     else:
         pairs = [rescale_of(ds)] * nframes
     scale = float(ds.get("DoseGridScaling") or 1.0) if mod == "RTDOSE" else 1.0  # RT dose -> Gy
     return [s * scale for s, _ in pairs], [b * scale for _, b in pairs]
 
 
-def _frame_item(ds: Any, frame: int, sequence: str) -> Any:
+def frame_item(ds: Any, frame: int, sequence: str) -> Any:
     """The first item of ``sequence`` for ``frame`` in an enhanced object: per-frame group, else shared group."""
     for groups, idx in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
         seq = ds.get(groups)
@@ -165,8 +165,8 @@ def _frame_geometry(
             log.warning(
                 "%s: %d per-frame groups for %d frames; using the first %d", path, groups, nframes, nframes
             )
-        pos_items = [_frame_item(ds, f, "PlanePositionSequence") for f in range(nframes)]
-        iop_items = [_frame_item(ds, f, "PlaneOrientationSequence") for f in range(nframes)]
+        pos_items = [frame_item(ds, f, "PlanePositionSequence") for f in range(nframes)]
+        iop_items = [frame_item(ds, f, "PlaneOrientationSequence") for f in range(nframes)]
         if not all("ImagePositionPatient" in p for p in pos_items) or not all(
             "ImageOrientationPatient" in o for o in iop_items
         ):
@@ -178,7 +178,7 @@ def _frame_geometry(
             )
         row, col = orientation(iop_items[0].ImageOrientationPatient, path)
         positions = np.stack([position(p.ImagePositionPatient, path) for p in pos_items])
-        measures = _frame_item(ds, 0, "PixelMeasuresSequence")
+        measures = frame_item(ds, 0, "PixelMeasuresSequence")
         spacing = spacing_of(measures.get("PixelSpacing"), path) or (1.0, 1.0)
         step = float(measures.get("SpacingBetweenSlices") or measures.get("SliceThickness") or 1.0)
         return positions, row, col, spacing, step if step > 0 else 1.0

@@ -27,6 +27,7 @@ import numpy as np
 
 from medlens.errors import InputError
 from medlens.io.dicom_codes import LOCAL_SCHEME, local_scheme_item, segment_codes
+from medlens.io.dicom_file import frame_item
 from medlens.io.image import LPS_RAS_FLIP, Image
 
 log = logging.getLogger(__name__)
@@ -61,16 +62,6 @@ def _floats(value: Any) -> np.ndarray | None:
         return None
 
 
-def _group_item(ds: Any, frame: int, sequence: str) -> Any:
-    for groups, idx in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
-        seq = ds.get(groups)
-        if seq is not None and len(seq) > idx:
-            inner = seq[idx].get(sequence)
-            if inner:
-                return inner[0]
-    return {}
-
-
 def source_planes(sources: Sequence[Any]) -> list[_Plane]:
     """The plane of every source frame, in the order highdicom expects SEG frames (file order, frame order)."""
     planes = []
@@ -80,9 +71,9 @@ def source_planes(sources: Sequence[Any]) -> list[_Plane]:
         enhanced = "PerFrameFunctionalGroupsSequence" in ds
         for f in range(nframes):
             if enhanced:
-                pos = _floats(_group_item(ds, f, "PlanePositionSequence").get("ImagePositionPatient"))
-                iop = _floats(_group_item(ds, f, "PlaneOrientationSequence").get("ImageOrientationPatient"))
-                sp = _floats(_group_item(ds, f, "PixelMeasuresSequence").get("PixelSpacing"))
+                pos = _floats(frame_item(ds, f, "PlanePositionSequence").get("ImagePositionPatient"))
+                iop = _floats(frame_item(ds, f, "PlaneOrientationSequence").get("ImageOrientationPatient"))
+                sp = _floats(frame_item(ds, f, "PixelMeasuresSequence").get("PixelSpacing"))
             else:
                 pos = _floats(ds.get("ImagePositionPatient")) if nframes == 1 else None
                 iop = _floats(ds.get("ImageOrientationPatient"))
@@ -173,14 +164,20 @@ def _frames_by_order(arr: np.ndarray, planes: list[_Plane], out: np.ndarray) -> 
 
 # ---- the SEG object ----------------------------------------------------------------------------------------------
 def segment_volumes(label: Image, labels: Mapping[str, int]) -> dict[str, dict[str, float]]:
-    """Per foreground label: ``{"voxels", "mm3"}`` (voxel count times the voxel volume of the label map)."""
+    """Per foreground label, its size: ``{"voxels", "mm3"}`` for a 3D map, ``{"voxels", "mm2"}`` for a 2D one.
+
+    The size is the voxel (pixel) count times the voxel volume (pixel area) of the label map: a 2D map (a film)
+    has areas, and its key says so (:func:`medlens.io.dicom_sr.segmentation_report` reports them as Area in
+    mm2, not as a volume).
+    """
     arr = np.asarray(label.array[0])
     nd = label.ndim
+    unit = "mm3" if nd == 3 else "mm2"
     voxel = float(abs(np.linalg.det(label.affine[:nd, :nd])))
     values, counts = np.unique(arr, return_counts=True)
     count = dict(zip(values.tolist(), counts.tolist(), strict=True))
     return {
-        name: {"voxels": float(count.get(value, 0)), "mm3": float(count.get(value, 0)) * voxel}
+        name: {"voxels": float(count.get(value, 0)), unit: float(count.get(value, 0)) * voxel}
         for name, value in sorted(labels.items(), key=lambda kv: kv[1])
         if value != 0
     }

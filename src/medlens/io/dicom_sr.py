@@ -168,7 +168,7 @@ def segmentation_report(
         seg: the DICOM-SEG (highdicom ``Segmentation`` or a read dataset) made from the same prediction.
         sources: the source image datasets the SEG references (they become evidence).
         volumes: segment label -> ``{"mm3": ...}`` (:func:`medlens.io.dicom_seg.segment_volumes`), in segment
-            number order.
+            number order; ``{"mm2": ...}`` (a 2D map) is reported as an Area in mm2.
         ctx: who and how, uncertainty and referral.
         codes: the run's ``segment_codes`` overrides (same as the SEG's).
     """
@@ -200,10 +200,10 @@ def segmentation_report(
                 finding_sites=[hd.sr.FindingSite(c.anatomy)] if c.anatomy is not None else None,
                 algorithm_id=_algorithm(ctx),
                 measurements=[
-                    hd.sr.Measurement(
-                        name=dcm.SCT.Volume,
-                        value=float(vol["mm3"]),
-                        unit=dcm.UCUM.CubicMillimeter,
+                    hd.sr.Measurement(  # a 2D map (a film) has areas: segment_volumes gives "mm2" then
+                        name=dcm.SCT.Volume if "mm3" in vol else dcm.SCT.Area,
+                        value=float(vol["mm3"] if "mm3" in vol else vol["mm2"]),
+                        unit=dcm.UCUM.CubicMillimeter if "mm3" in vol else dcm.UCUM.SquareMillimeter,
                         algorithm_id=_algorithm(ctx),
                     )
                 ],

@@ -7,8 +7,9 @@ Endpoints (the OpenAPI schema at ``/openapi.json`` documents each; every one but
 - ``POST /models/{name}/jobs``: a NIfTI file (``.nii``/``.nii.gz``), one DICOM file or a zip of a DICOM series,
   sent as multipart form field ``file`` or as the raw body; or JSON ``{"study": UID, "series": UID}`` to fetch it
   from the PACS configured on the server. Answers 202 with the job; 413 past the size limits, 429 when the queue
-  is full.
-- ``POST /models/{name}/predict``: the same, but waits for the result (for scripts and the load test).
+  (running, queued and still-uploading jobs) is full.
+- ``POST /models/{name}/predict``: the same, but waits for the result (for scripts and the load test); 413 also
+  when a PACS study or a DICOM series' decoded pixel data turns out to pass the limit while the job runs.
 - ``GET /jobs/{id}``; ``GET /jobs/{id}/files/{name}`` (only the names the job lists); ``POST /jobs/{id}/viewer``
   (a one-time link to the web viewer, :mod:`medlens.serve.viewer`).
 
@@ -109,7 +110,8 @@ def create_app(
         token: the Bearer token every request but /health must carry; None disables authentication (the CLI
             allows that only on a loopback address).
         max_upload_mb: largest accepted upload (streamed to disk and stopped there: HTTP 413).
-        max_unpacked_mb: largest accepted unpacked content of a zip or gzip upload (HTTP 413).
+        max_unpacked_mb: largest accepted unpacked content: of a zip or gzip upload, of the instances a PACS job
+            retrieves, and of the decoded pixel data of a DICOM series (HTTP 413).
         workers: worker threads running jobs.
         backend: "auto", "torch" or "onnx" (ONNX Runtime).
         max_queue: jobs that may wait beyond the running ones (more: HTTP 429).
@@ -232,54 +234,50 @@ def create_app(
             except BaseException:
                 jobs.discard(job)
                 raise
-        future = jobs.submit(job, partial(run_job, model=model, pacs=pacs))
+        future = jobs.submit(job, partial(run_job, model=model, pacs=pacs, max_unpacked=max_unpacked))
         return job, future
 
-    def options_from(tta: bool, probabilities: bool, uncertainty: bool, series: str | None) -> dict[str, Any]:
+    def job_options(
+        tta: bool = Query(False, description="Mirroring test-time augmentation (slower)."),
+        probabilities: bool = Query(
+            False, description="Also write per-class probability maps (segmentation)."
+        ),
+        uncertainty: bool = Query(
+            False, description="Also estimate uncertainty and the refer flag, if the model can."
+        ),
+        series: str | None = Query(
+            None, description="SeriesInstanceUID to use from a zip holding several series."
+        ),
+    ) -> dict[str, Any]:
         if series is not None:
             from medlens.serve.pacs_config import check_uid
 
             check_uid(series, "series")
         return {"tta": tta, "probabilities": probabilities, "uncertainty": uncertainty, "series": series}
 
-    query = {
-        "tta": Query(False, description="Mirroring test-time augmentation (slower)."),
-        "probabilities": Query(False, description="Also write per-class probability maps (segmentation)."),
-        "uncertainty": Query(
-            False, description="Also estimate uncertainty and the refer flag, if the model can."
-        ),
-        "series": Query(None, description="SeriesInstanceUID to use from a zip holding several series."),
-    }
+    async def start_job(name: str, request: Request, options: dict[str, Any], *, wait: bool) -> s.JobStatus:
+        """Queue a job for model ``name``; with ``wait``, answer once it finished (413 if its input was too big)."""
+        job, future = await submit(request, served(name), options)
+        if wait:
+            await asyncio.wrap_future(future)
+            if job.failure is not None and issubclass(job.failure, TooLarge):
+                raise TooLarge(job.error or "the job's input is larger than the server accepts")
+        return _status(job)
 
     @app.post("/models/{name}/jobs", status_code=202, response_model=s.JobStatus, dependencies=auth,
               responses=_UPLOAD_ERRORS, openapi_extra={"requestBody": _UPLOAD_BODY},
               summary="Start a prediction job")  # fmt: skip
     async def create_job(
-        name: str,
-        request: Request,
-        tta: bool = query["tta"],
-        probabilities: bool = query["probabilities"],
-        uncertainty: bool = query["uncertainty"],
-        series: str | None = query["series"],
+        name: str, request: Request, options: dict[str, Any] = Depends(job_options)
     ) -> s.JobStatus:
-        job, _ = await submit(request, served(name), options_from(tta, probabilities, uncertainty, series))
-        return _status(job)
+        return await start_job(name, request, options, wait=False)
 
     @app.post("/models/{name}/predict", response_model=s.JobStatus, dependencies=auth, responses=_UPLOAD_ERRORS,
               openapi_extra={"requestBody": _UPLOAD_BODY}, summary="Predict and wait for the result")  # fmt: skip
     async def predict(
-        name: str,
-        request: Request,
-        tta: bool = query["tta"],
-        probabilities: bool = query["probabilities"],
-        uncertainty: bool = query["uncertainty"],
-        series: str | None = query["series"],
+        name: str, request: Request, options: dict[str, Any] = Depends(job_options)
     ) -> s.JobStatus:
-        job, future = await submit(
-            request, served(name), options_from(tta, probabilities, uncertainty, series)
-        )
-        await asyncio.wrap_future(future)
-        return _status(job)
+        return await start_job(name, request, options, wait=True)
 
     @app.get("/jobs/{job_id}", response_model=s.JobStatus, dependencies=auth, responses=_ERRORS,
              summary="A job's state and results")  # fmt: skip

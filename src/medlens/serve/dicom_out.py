@@ -49,7 +49,8 @@ def write_dicom_results(
         out_dir: where to write (created if needed).
         run_info: the run's ``run.json`` content (optionally with ``run_name``), or the run directory.
         kind: "auto" (from the prediction's type), "segmentation" or "classification".
-        name: file name stem; default ``series<SeriesNumber>`` of the source.
+        name: file name stem; default ``series<SeriesNumber>`` of the source. Either is sanitised with
+            :func:`safe_stem` (a source header never chooses where a file lands).
 
     Returns:
         The files written (SEG first for a segmentation).
@@ -66,7 +67,7 @@ def write_dicom_results(
     kind = _kind(prediction, kind)
     sources = _check_sources(source_datasets, one_series=kind == "segmentation")
     out_dir = Path(out_dir)
-    stem = _safe(name) if name else _default_name(sources[0])
+    stem = safe_stem(name if name else _default_name(sources[0]))
     base = _series_number(sources[0])
     dataset = info.get("dataset") or {}
     run_name = str(info.get("run_name") or Path(str(info.get("run_dir") or "run")).name)
@@ -203,12 +204,26 @@ def _series_number(ds: Any) -> int:
 
 
 def _default_name(ds: Any) -> str:
-    number = ds.get("SeriesNumber")
+    """``series<SeriesNumber>`` of the source; not yet safe (a PACS chooses these values), see :func:`safe_stem`."""
+    try:
+        number = ds.get("SeriesNumber")
+    except (TypeError, ValueError):  # an undecodable IS value
+        number = None
     return f"series{number}" if number not in (None, "") else f"series_{str(ds.SeriesInstanceUID)[-12:]}"
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "result"
+#: Longest file-name stem written (the ``_seg.dcm`` suffix comes on top).
+MAX_STEM = 64
+
+
+def safe_stem(name: str) -> str:
+    """A file-name stem made only of ``[A-Za-z0-9._-]``, not starting with a dot, at most :data:`MAX_STEM` long.
+
+    Whatever ``name`` holds (a source header's SeriesNumber such as ``'/../../x'``, a caller's name), the result
+    is one plain name inside the output folder: no separator, no ``..`` component, no hidden file.
+    """
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", str(name)).lstrip(".")[:MAX_STEM]
+    return stem or "result"
 
 
 def _medlens_version() -> str:

@@ -3,18 +3,24 @@
 ``DimseClient(config)`` uses the ``[dimse]`` settings of a :class:`~medlens.serve.pacs_config.PacsConfig`
 (host, port, the PACS' AE title, ours). Retrieval is C-GET by default (the instances come back on the same
 association, so the PACS need not know our address); ``retrieve = "move"`` uses C-MOVE to a storage SCP we
-run on ``move_port`` for the duration of the request (the PACS must know our AE title and that port).
-Received instances are checked and named like DICOMweb ones: ``OUT/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``
-from validated UIDs (:func:`~medlens.serve.pacs_files.place_instance`).
+run on ``move_port`` for the duration of the request (the PACS must know our AE title and that port). That SCP
+listens only on the local address facing the PACS (loopback for a PACS on this machine), accepts only the PACS'
+AE title as calling AE and closes connections from any other address than the PACS' ``host`` before they can
+associate. Received instances are checked and named like DICOMweb ones:
+``OUT/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` from validated UIDs
+(:func:`~medlens.serve.pacs_files.place_instance`), and their total size is bounded when a budget is given.
 """
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import logging
 import os
+import socket
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,7 +33,8 @@ from medlens.serve.pacs_config import (
     PacsNotFoundError,
     check_uid,
 )
-from medlens.serve.pacs_files import StoreResult, place_instance
+from medlens.serve.pacs_files import ByteBudget, StoreResult, place_instance
+from medlens.serve.security import TooLarge
 
 log = logging.getLogger(__name__)
 
@@ -205,10 +212,18 @@ class DimseClient:
         return result
 
     # ---- C-GET / C-MOVE ---------------------------------------------------------------------------------
-    def retrieve(self, study_uid: str, out_dir: str | Path, series_uid: str | None = None) -> list[Path]:
+    def retrieve(
+        self,
+        study_uid: str,
+        out_dir: str | Path,
+        series_uid: str | None = None,
+        *,
+        max_bytes: int | None = None,
+    ) -> list[Path]:
         """Retrieve a study (or one series) into ``out_dir/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
 
-        Uses C-GET or C-MOVE as configured (``retrieve``).
+        Uses C-GET or C-MOVE as configured (``retrieve``). ``max_bytes`` bounds the received instances' total
+        size (None: unbounded): past it every further instance is refused and :class:`TooLarge` is raised.
         """
         study_uid = check_uid(study_uid, "StudyInstanceUID")
         if series_uid is not None:
@@ -220,7 +235,7 @@ class DimseClient:
             raise PacsNotFoundError(f"{what} is not on the PACS {self.where}")
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        receiver = _Receiver(out_dir, study_uid, f"the PACS {self.where}")
+        receiver = _Receiver(out_dir, study_uid, f"the PACS {self.where}", max_bytes)
         query = _retrieve_query(study_uid, series_uid)
         try:
             if self.config.retrieve == "move":
@@ -253,24 +268,50 @@ class DimseClient:
             for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
                 _check_status(status, f"C-GET at {self.where}")
 
-    def _move(self, query: Any, receiver: _Receiver) -> None:
-        from pynetdicom import AllStoragePresentationContexts, evt
-        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove  # type: ignore[attr-defined]
+    @contextmanager
+    def storage_scp(self, on_store: Callable[[Any], int]) -> Iterator[Any]:
+        """Run the storage SCP that receives C-MOVE sub-operations on ``move_port`` for the block's duration.
 
+        It listens on the local address facing the PACS (loopback when the PACS is on this machine), requires the
+        PACS' AE title (``called_aet``) as calling AE title, and closes connections from any address the PACS'
+        ``host`` does not resolve to before they can associate.
+
+        Args:
+            on_store: the ``EVT_C_STORE`` handler (returns the C-STORE status).
+
+        Raises:
+            PacsError: the PACS host does not resolve, or the port cannot be opened.
+        """
+        from pynetdicom import AllStoragePresentationContexts, evt
+
+        peers = _addresses(self.host, self.config.port)
+        bind = _address_facing(self.host, self.config.port)
         scp_ae = self._ae()
         scp_ae.supported_contexts = AllStoragePresentationContexts
+        scp_ae.require_calling_aet = [self.config.called_aet]
         try:
-            server = scp_ae.start_server(
-                ("127.0.0.1" if self.host in ("127.0.0.1", "localhost") else "", self.config.move_port),
-                block=False,
-                evt_handlers=[(evt.EVT_C_STORE, receiver.handle)],
+            server = scp_ae.make_server(
+                (bind, self.config.move_port),
+                evt_handlers=[(evt.EVT_C_STORE, on_store)],
+                server_class=_peer_filtered_server(),
             )
         except OSError as e:
             raise PacsError(
-                f"cannot listen on port {self.config.move_port} for C-MOVE ({e.strerror}); set 'move_port' "
+                f"cannot listen on {bind}:{self.config.move_port} for C-MOVE ({e.strerror}); set 'move_port' "
                 'or use retrieve = "get"'
             ) from None
+        server.allowed_peers = peers
+        scp_ae._servers.append(server)  # as AE.start_server does: the server's shutdown() removes it
+        threading.Thread(target=server.serve_forever, name="medlens-move-scp", daemon=True).start()
         try:
+            yield server
+        finally:
+            server.shutdown()
+
+    def _move(self, query: Any, receiver: _Receiver) -> None:
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove  # type: ignore[attr-defined]
+
+        with self.storage_scp(receiver.handle):
             ae = self._ae()
             ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
             with self._association(ae) as assoc:
@@ -283,8 +324,64 @@ class DimseClient:
                             f"the PACS {self.where} does not know the move destination "
                             f"{self.config.calling_aet!r}; register it there with port {self.config.move_port}"
                         )
-        finally:
-            server.shutdown()
+
+
+def _ip(text: str) -> str:
+    """An address in one spelling: no IPv6 scope, IPv4-mapped IPv6 as plain IPv4."""
+    address = ipaddress.ip_address(text.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def _addresses(host: str, port: int) -> frozenset[str]:
+    """Every address ``host`` resolves to (the peers the C-MOVE SCP accepts)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise PacsError(f"cannot resolve the PACS host {host!r} ({e})") from None
+    return frozenset(_ip(str(info[4][0])) for info in infos)
+
+
+def _address_facing(host: str, port: int) -> str:
+    """The local address the PACS at ``host`` is reached through: loopback for a local PACS, else the address of
+    the interface the route to ``host`` leaves by; ``""`` (all interfaces) only when no route can be found."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError as e:
+        raise PacsError(f"cannot resolve the PACS host {host!r} ({e})") from None
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)  # IPv4 first: "localhost" -> 127.0.0.1
+    family, _, _, _, sockaddr = infos[0]
+    if ipaddress.ip_address(_ip(str(sockaddr[0]))).is_loopback:
+        return str(sockaddr[0])
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(sockaddr)  # a UDP connect sends nothing: the kernel only picks the route
+            return str(probe.getsockname()[0])
+    except OSError:
+        log.warning("no route to the PACS host %s; the C-MOVE SCP listens on all interfaces", host)
+        return ""
+
+
+@functools.cache
+def _peer_filtered_server() -> type:
+    """pynetdicom's threaded association server, closing connections from addresses not in ``allowed_peers``."""
+    from pynetdicom.transport import ThreadedAssociationServer
+
+    class PeerFilteredServer(ThreadedAssociationServer):
+        allowed_peers: frozenset[str] = frozenset()
+
+        def verify_request(self, request: Any, client_address: Any) -> bool:
+            host = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+            try:
+                allowed = _ip(str(host)) in self.allowed_peers
+            except ValueError:
+                allowed = False
+            if not allowed:
+                log.warning("refused a C-MOVE connection from %s: it is not the PACS' host", host)
+            return allowed
+
+    return PeerFilteredServer
 
 
 def _retrieve_query(study_uid: str, series_uid: str | None) -> Any:
@@ -314,18 +411,27 @@ def _check_status(status: Any, what: str) -> int:
 class _Receiver:
     """Storage SCP handler: writes each received instance via a temporary file into its UID-named place."""
 
-    def __init__(self, out_dir: Path, study_uid: str, sender: str) -> None:
+    def __init__(self, out_dir: Path, study_uid: str, sender: str, max_bytes: int | None = None) -> None:
         self.out_dir, self.study_uid, self.sender = out_dir, study_uid, sender
+        self.budget = ByteBudget(max_bytes, sender)
         self.written: list[Path] = []
         self.errors: list[str] = []
+        self.too_large: str | None = None
         self._lock = threading.Lock()
 
     def handle(self, event: Any) -> int:
+        data = event.encoded_dataset(include_meta=True)
+        try:
+            self.budget.take(len(data))
+        except TooLarge as e:
+            with self._lock:
+                self.too_large = self.too_large or str(e)
+            return 0xA700  # out of resources: nothing more is written
         fd, name = tempfile.mkstemp(prefix=".dimse-", suffix=".part", dir=self.out_dir)
         tmp = Path(name)
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(event.encoded_dataset(include_meta=True))
+                fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
             path = place_instance(tmp, self.out_dir, self.study_uid, self.sender)
@@ -344,6 +450,9 @@ class _Receiver:
         return 0x0000
 
     def raise_errors(self) -> None:
+        """Raise what went wrong while receiving: :class:`TooLarge` past the budget, else a :class:`PacsError`."""
+        if self.too_large is not None:
+            raise TooLarge(self.too_large)
         if self.errors:
             raise PacsError(
                 self.errors[0] + (f" (and {len(self.errors) - 1} more)" if len(self.errors) > 1 else "")

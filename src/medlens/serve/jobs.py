@@ -9,7 +9,9 @@ Threads, not processes: the models are loaded once and shared, and PyTorch and O
 while they compute. One lock per model serialises predictions on the same model (a predictor that switches
 dropout on for MC-dropout uncertainty must not be used by two jobs at once), so extra workers help when several
 models are served or while jobs read and write files. The queue holds at most ``max_queue`` waiting jobs beyond
-the ones running; a submission past that is refused (:class:`QueueFull`, HTTP 429) instead of piling up.
+the ones running; a submission past that is refused (:class:`QueueFull`, HTTP 429) instead of piling up. A job
+whose upload is still arriving (made by :meth:`JobManager.new`, not yet submitted) holds its place too, so
+uploads in progress cannot outnumber the capacity (each one fills the disk).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class Job:
         options: prediction options (tta, probabilities, uncertainty, series, study).
         state: "queued", "running", "done" or "failed".
         error: the one-line reason when failed.
+        failure: the type of the medlens error that failed the job (the API maps TooLarge to HTTP 413).
         files: result name -> path (only these can be downloaded).
         result: the JSON-able results (probabilities, uncertainty, refer, volumes ...).
     """
@@ -70,6 +73,7 @@ class Job:
     options: dict[str, Any] = field(default_factory=dict)
     state: str = "queued"
     error: str | None = None
+    failure: type[MedlensError] | None = field(default=None, repr=False)
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
@@ -116,20 +120,36 @@ class JobManager:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="medlens-job")
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._active = 0
+        self._pending: set[str] = set()  # made by new(), neither submitted nor discarded yet
         self._lock = threading.Lock()
 
     # ---- bookkeeping ----------------------------------------------------------------------------------------
     def new(self, model: str, kind: str, options: dict[str, Any] | None = None) -> Job:
-        """Make a job and its folder (not yet queued). Refuses at once when the queue is full."""
-        self._check_capacity()
+        """Make a job and its folder (not yet queued) and reserve its place in the queue.
+
+        The place is held until :meth:`submit` or :meth:`discard`, so uploads still arriving count against the
+        capacity.
+
+        Raises:
+            QueueFull: running, queued and pending jobs already fill the capacity.
+        """
         job_id = uuid.uuid4().hex
+        with self._lock:
+            self._check_capacity()
+            self._pending.add(job_id)
         job = Job(job_id, model, kind, self.work_dir / job_id, dict(options or {}))
-        job.input_dir.mkdir(parents=True)
-        job.results_dir.mkdir()
+        try:
+            job.input_dir.mkdir(parents=True)
+            job.results_dir.mkdir()
+        except BaseException:
+            self.discard(job)
+            raise
         return job
 
     def discard(self, job: Job) -> None:
-        """Delete a job that was never submitted (its upload was refused)."""
+        """Delete a job that was never submitted (its upload was refused) and free its place."""
+        with self._lock:
+            self._pending.discard(job.id)
         shutil.rmtree(job.dir, ignore_errors=True)
 
     def get(self, job_id: str) -> Job | None:
@@ -145,13 +165,20 @@ class JobManager:
         with self._lock:
             return self._active
 
-    def _check_capacity(self) -> None:
+    @property
+    def pending(self) -> int:
+        """Jobs made but not yet submitted (their upload is arriving or being unpacked)."""
         with self._lock:
-            if self._active >= self.workers + self.max_queue:
-                raise QueueFull(
-                    f"{self._active} jobs are queued or running (limit {self.workers + self.max_queue}); "
-                    "retry later"
-                )
+            return len(self._pending)
+
+    def _check_capacity(self) -> None:
+        """Raise :class:`QueueFull` when no place is left (call with the lock held)."""
+        used = self._active + len(self._pending)
+        if used >= self.workers + self.max_queue:
+            raise QueueFull(
+                f"{self._active} jobs are queued or running and {len(self._pending)} uploads are arriving "
+                f"(limit {self.workers + self.max_queue}); retry later"
+            )
 
     # ---- running --------------------------------------------------------------------------------------------
     def submit(self, job: Job, work: Callable[[Job], None]) -> Future[None]:
@@ -161,10 +188,10 @@ class JobManager:
             QueueFull: the queue is full (the job's folder is deleted).
         """
         with self._lock:
-            if self._active >= self.workers + self.max_queue:
-                full = True
-            else:
-                full = False
+            reserved = job.id in self._pending
+            self._pending.discard(job.id)
+            full = not reserved and self._active + len(self._pending) >= self.workers + self.max_queue
+            if not full:
                 self._active += 1
                 self._jobs[job.id] = job
         if full:
@@ -179,7 +206,7 @@ class JobManager:
             work(job)
             job.state = "done"
         except MedlensError as exc:
-            job.state, job.error = "failed", _scrub(str(exc), job.dir)
+            job.state, job.error, job.failure = "failed", _scrub(str(exc), job.dir), type(exc)
             log.info("job %s failed: %s", job.id, job.error)
         except Exception:  # a bug, not the user's fault: log it, tell the client without internals
             job.state, job.error = "failed", "internal error while predicting (see the server log)"

@@ -110,8 +110,18 @@ class DicomWebClient:
         return data
 
     # ---- WADO-RS ----------------------------------------------------------------------------------------
-    def retrieve(self, study_uid: str, out_dir: str | Path, series_uid: str | None = None) -> list[Path]:
+    def retrieve(
+        self,
+        study_uid: str,
+        out_dir: str | Path,
+        series_uid: str | None = None,
+        *,
+        max_bytes: int | None = None,
+    ) -> list[Path]:
         """Retrieve a study (or one of its series) into ``out_dir/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
+
+        ``max_bytes`` bounds the instances' total size (None: unbounded); past it the transfer stops with
+        :class:`~medlens.serve.security.TooLarge`.
 
         Returns:
             The files written, in the order the server sent them.
@@ -138,7 +148,7 @@ class DicomWebClient:
             if boundary is None:
                 raise self._not_dicom(resp, "WADO-RS", "multipart/related DICOM")
             written: list[Path] = []
-            sink = PartSink(out_dir, study_uid, written, self.url)
+            sink = PartSink(out_dir, study_uid, written, self.url, max_bytes=max_bytes)
             try:
                 parse_multipart(resp.iter_content(chunk_size=1 << 16), boundary, sink.open, sink.close)
             finally:

@@ -4,6 +4,9 @@ Shared by the DICOMweb (:mod:`medlens.serve.pacs`) and DIMSE (:mod:`medlens.serv
 
 - :func:`parse_multipart` streams a WADO-RS ``multipart/related`` answer part by part (RFC 2046; a boundary
   may straddle chunks; no part is held in memory); :func:`multipart_body` builds a STOW-RS body.
+- :class:`PartSink` (DICOMweb) and :class:`ByteBudget` (shared with the DIMSE receiver) stop a retrieval with
+  :class:`~medlens.serve.security.TooLarge` once the bytes received pass a budget: a PACS answer is as
+  untrusted as an upload.
 - :func:`place_instance` is the only way a received instance reaches its final name:
   ``OUT/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` from UIDs read from the file and checked to be digits and
   dots. Nothing a server sends (a file name, a Content-Location, a UID with ``../``) becomes a path.
@@ -15,13 +18,15 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol, TypeVar
 
 from medlens.errors import InputError
 from medlens.serve.pacs_config import PacsError, is_uid
+from medlens.serve.security import TooLarge
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,43 @@ class StoreResult:
     files: list[Path] = field(default_factory=list)
 
 
+class PartWriter(Protocol):
+    """Where a part's body goes: anything with ``write(bytes)`` (a file, a BytesIO, a counting wrapper)."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+
+W = TypeVar("W", bound=PartWriter)
+
+
+class ByteBudget:
+    """Counts the bytes a retrieval received and raises :class:`TooLarge` once they pass ``max_bytes``.
+
+    Args:
+        max_bytes: the budget (None: unbounded).
+        sender: who sends, for the message (e.g. ``"the PACS at https://..."``).
+    """
+
+    def __init__(self, max_bytes: int | None, sender: str) -> None:
+        self.max_bytes, self.sender, self.received = max_bytes, sender, 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        """Count ``n`` more bytes.
+
+        Raises:
+            TooLarge: the total passes the budget.
+        """
+        with self._lock:
+            self.received += n
+            over = self.max_bytes is not None and self.received > self.max_bytes
+        if over:
+            raise TooLarge(
+                f"{self.sender} sent more than the limit of {(self.max_bytes or 0) / 2**20:g} MB for one job; "
+                "retrieve a smaller series or raise the server's unpacked-size limit"
+            )
+
+
 # ---- multipart/related --------------------------------------------------------------------------------------
 def boundary_of(content_type: str) -> bytes | None:
     """The boundary of a ``multipart/related`` Content-Type, or None for anything else."""
@@ -57,8 +99,8 @@ def boundary_of(content_type: str) -> bytes | None:
 def parse_multipart(
     chunks: Iterable[bytes],
     boundary: bytes,
-    open_part: Callable[[dict[str, str]], IO[bytes]],
-    close_part: Callable[[IO[bytes]], None],
+    open_part: Callable[[dict[str, str]], W],
+    close_part: Callable[[W], None],
     max_header_bytes: int = 16384,
 ) -> int:
     """Stream a ``multipart/related`` body (RFC 2046) part by part, without holding a part in memory.
@@ -80,7 +122,7 @@ def parse_multipart(
     body_delim = b"\r\n" + delim
     buf = b""
     state = "preamble"
-    sink: IO[bytes] | None = None
+    sink: W | None = None
     parts = 0
     for chunk in _with_end(chunks):
         at_end = chunk is None
@@ -150,28 +192,50 @@ def _part_headers(head: bytes) -> dict[str, str]:
     return headers
 
 
+class _PartFile:
+    """A part's temporary file whose writes are counted against the retrieval's budget first."""
+
+    def __init__(self, fh: IO[bytes], path: Path, budget: ByteBudget) -> None:
+        self.fh, self.path, self.budget = fh, path, budget
+
+    def write(self, data: bytes, /) -> int:
+        self.budget.take(len(data))
+        return self.fh.write(data)
+
+
 class PartSink:
-    """Writes each WADO-RS part to a temporary file, then checks it and renames it to its UID name."""
+    """Writes each WADO-RS part to a temporary file, then checks it and renames it to its UID name.
 
-    def __init__(self, out_dir: Path, study_uid: str, written: list[Path], url: str) -> None:
+    Args:
+        out_dir: where instances land (``out_dir/<series>/<sop>.dcm``).
+        study_uid: the study asked for (instances of another study are refused).
+        written: the list the final paths are appended to.
+        url: the server, for messages.
+        max_bytes: budget for all parts together; past it :class:`TooLarge` stops the transfer (None: none).
+    """
+
+    def __init__(
+        self, out_dir: Path, study_uid: str, written: list[Path], url: str, max_bytes: int | None = None
+    ) -> None:
         self.out_dir, self.study_uid, self.written, self.url = out_dir, study_uid, written, url
-        self.open_files: list[tuple[IO[bytes], Path]] = []
+        self.budget = ByteBudget(max_bytes, f"the PACS at {url}")
+        self.open_files: list[_PartFile] = []
 
-    def open(self, headers: dict[str, str]) -> IO[bytes]:
+    def open(self, headers: dict[str, str]) -> _PartFile:
         ctype = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
         if ctype != "application/dicom":
             raise PacsError(f"the PACS at {self.url} sent a {ctype!r} part where DICOM was expected")
         fd, name = tempfile.mkstemp(prefix=".wado-", suffix=".part", dir=self.out_dir)
-        fh = os.fdopen(fd, "wb")
-        self.open_files.append((fh, Path(name)))
-        return fh
+        part = _PartFile(os.fdopen(fd, "wb"), Path(name), self.budget)
+        self.open_files.append(part)
+        return part
 
-    def close(self, fh: IO[bytes]) -> None:
-        tmp = next(p for f, p in self.open_files if f is fh)
+    def close(self, part: _PartFile) -> None:
+        fh, tmp = part.fh, part.path
         fh.flush()
         os.fsync(fh.fileno())
         fh.close()
-        self.open_files = [(f, p) for f, p in self.open_files if f is not fh]
+        self.open_files = [f for f in self.open_files if f is not part]
         try:
             self.written.append(place_instance(tmp, self.out_dir, self.study_uid, f"the PACS at {self.url}"))
         except BaseException:
@@ -179,9 +243,9 @@ class PartSink:
             raise
 
     def discard(self) -> None:
-        for fh, tmp in self.open_files:
-            fh.close()
-            tmp.unlink(missing_ok=True)
+        for part in self.open_files:
+            part.fh.close()
+            part.path.unlink(missing_ok=True)
         self.open_files = []
 
 

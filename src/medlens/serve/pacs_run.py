@@ -54,9 +54,15 @@ def pull(
     *,
     series_uid: str | None = None,
     protocol: str = "dicomweb",
+    max_bytes: int | None = None,
 ) -> list[Path]:
-    """Retrieve a study (or one series) into ``out_dir/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``."""
-    return list(make_client(config, protocol).retrieve(study_uid, out_dir, series_uid=series_uid))
+    """Retrieve a study (or one series) into ``out_dir/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
+
+    ``max_bytes`` bounds the instances' total size (None: unbounded); past it the transfer stops with
+    :class:`~medlens.serve.security.TooLarge`.
+    """
+    client = make_client(config, protocol)
+    return list(client.retrieve(study_uid, out_dir, series_uid=series_uid, max_bytes=max_bytes))
 
 
 def push(config: PacsConfig, paths: list[str | Path], *, protocol: str = "dicomweb") -> StoreResult:
@@ -174,14 +180,12 @@ def _predict_to_dicom(
     run_dir: Path, series_dir: Path, out_dir: Path, *, device: str, tta: bool
 ) -> list[Path]:
     """Apply the run to the series in ``series_dir``; write its DICOM results into ``out_dir``."""
-    from pydicom import dcmread
-
     from medlens.io.dicom import read_dicom_series
     from medlens.serve import load_predictor
-    from medlens.serve.dicom_out import write_dicom_results
+    from medlens.serve.dicom_out import dicom_sources, write_dicom_results
 
     image = read_dicom_series(series_dir)
-    sources = [dcmread(f) for f in image.meta["files"]]
+    sources = dicom_sources(image)  # headers only: the pixels were read into the image already
     predictor = load_predictor(run_dir, device=device)
     prediction = predictor.predict(image, tta=tta)
     written = write_dicom_results(prediction, sources, out_dir, run_info=run_dir, kind="auto")

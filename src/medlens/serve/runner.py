@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,8 @@ def prepare_upload(job: Job, upload: Path, max_unpacked_bytes: int) -> str:
 
     Raises:
         BadUpload: none of those.
-        TooLarge: the unpacked content passes ``max_unpacked_bytes``.
+        TooLarge: the unpacked content, or the pixel data its DICOM headers declare, passes
+            ``max_unpacked_bytes``.
     """
     with open(upload, "rb") as fh:
         head = fh.read(544)
@@ -113,6 +115,7 @@ def prepare_upload(job: Job, upload: Path, max_unpacked_bytes: int) -> str:
         if not files:
             raise BadUpload("the zip holds no files; zip the DICOM series' files")
         upload.unlink()
+        check_pixel_budget(_headers(files), max_unpacked_bytes)
         return "dicom"
     if head.startswith(b"\x1f\x8b"):
         target = job.input_dir / "image.nii"
@@ -131,6 +134,7 @@ def prepare_upload(job: Job, upload: Path, max_unpacked_bytes: int) -> str:
     if head[128:132] == b"DICM":
         (job.input_dir / "dicom").mkdir()
         upload.rename(job.input_dir / "dicom" / "00000.dcm")
+        check_pixel_budget(_headers([job.input_dir / "dicom" / "00000.dcm"]), max_unpacked_bytes)
         return "dicom"
     raise BadUpload("the upload is not a NIfTI (.nii/.nii.gz), a DICOM file or a zip of a DICOM series")
 
@@ -139,12 +143,68 @@ def _is_nifti(head: bytes) -> bool:
     return head[344:348] in (b"n+1\x00", b"ni1\x00") or head[4:8] in (b"n+2\x00", b"ni2\x00")
 
 
-def fetch_from_pacs(job: Job, pacs: Any) -> None:
+def decoded_pixel_bytes(ds: Any) -> int:
+    """Bytes the pixel data of a DICOM header decodes to: Rows x Columns x frames x bytes per sample x samples.
+
+    Read from the header alone (compressed pixel data can be tiny on disk and huge decoded); 0 when the header
+    declares no image or garbage (the reader then reports the file properly).
+    """
+    try:
+        rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        bits = int(ds.get("BitsAllocated") or 8)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+    except (TypeError, ValueError):
+        return 0
+    return max(0, rows) * max(0, cols) * max(1, frames) * max(1, (bits + 7) // 8) * max(1, samples)
+
+
+def check_pixel_budget(headers: Iterable[tuple[str, Any]], max_bytes: int) -> None:
+    """Refuse, before anything is decoded, DICOM whose declared pixel data passes ``max_bytes`` (alone or together).
+
+    Args:
+        headers: ``(file name, dataset read with stop_before_pixels)`` pairs.
+        max_bytes: the server's unpacked-size limit.
+
+    Raises:
+        TooLarge: one file, or all of them together, decode to more than ``max_bytes``.
+    """
+    total = 0
+    for name, ds in headers:
+        n = decoded_pixel_bytes(ds)
+        if n > max_bytes:
+            raise TooLarge(
+                f"DICOM file {name} declares {n / 2**20:.6g} MB of decoded pixel data (Rows x Columns x frames x "
+                f"bytes x samples), more than the limit of {max_bytes / 2**20:g} MB"
+            )
+        total += n
+        if total > max_bytes:
+            raise TooLarge(
+                f"the DICOM files declare more than the limit of {max_bytes / 2**20:g} MB of decoded pixel data; "
+                "send a smaller series"
+            )
+
+
+def _headers(files: Iterable[Path]) -> Iterator[tuple[str, Any]]:
+    """``(name, header)`` of every file that reads as DICOM (others are left to the reader to report)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError):
+            continue
+        yield f.name, ds
+
+
+def fetch_from_pacs(job: Job, pacs: Any, max_bytes: int | None = None) -> None:
     """Retrieve the job's study (or series) from the server's PACS into ``JOB/input/dicom``.
 
     Args:
         job: a "pacs" job (``options["study"]``, optional ``options["series"]``: UIDs checked by the API).
         pacs: the server's :class:`~medlens.serve.pacs_config.PacsConfig` (None: no PACS configured).
+        max_bytes: the instances' total size limit (past it: :class:`TooLarge`); None: unbounded.
     """
     if pacs is None:
         raise InputError("this server has no PACS configured (start it with --pacs-config FILE)")
@@ -154,26 +214,39 @@ def fetch_from_pacs(job: Job, pacs: Any) -> None:
     dest = job.input_dir / "dicom"
     dest.mkdir(exist_ok=True)
     files = pull(
-        pacs, str(job.options["study"]), dest, series_uid=job.options.get("series"), protocol=protocol
+        pacs,
+        str(job.options["study"]),
+        dest,
+        series_uid=job.options.get("series"),
+        protocol=protocol,
+        max_bytes=max_bytes,
     )
     if not files:
         raise InputError(f"the PACS returned no instances for study {job.options['study']}")
 
 
 # ---- the work ------------------------------------------------------------------------------------------------------
-def run_job(job: Job, model: ServedModel, pacs: Any = None) -> None:
-    """Read the job's input, predict with ``model`` and write the results into ``JOB/results``."""
+def run_job(job: Job, model: ServedModel, pacs: Any = None, max_unpacked: int | None = None) -> None:
+    """Read the job's input, predict with ``model`` and write the results into ``JOB/results``.
+
+    Args:
+        job: the job (its input is on disk, or for a "pacs" job, is fetched first).
+        model: the served model.
+        pacs: the server's PACS config, for "pacs" jobs.
+        max_unpacked: limit on what a PACS sends and on a DICOM series' decoded pixel data (past it:
+            :class:`TooLarge`, which the API answers with 413); None: unbounded.
+    """
     from medlens._fs import atomic_write_json
     from medlens.io import read_image, write_image
 
     if job.kind == "pacs":
-        fetch_from_pacs(job, pacs)
+        fetch_from_pacs(job, pacs, max_unpacked)
     series = job.options.get("series")
     if job.kind == "nifti":
         image = read_image(job.input_dir / "image.nii")
         sources: list[Any] = []
     else:
-        image, sources = _read_dicom(job.input_dir / "dicom", series)
+        image, sources = _read_dicom(job.input_dir / "dicom", series, max_unpacked)
     image.meta["source"] = "upload"
     out: dict[str, Path] = {}
     want_unc = bool(job.options.get("uncertainty")) and model.supports_uncertainty
@@ -193,6 +266,7 @@ def run_job(job: Job, model: ServedModel, pacs: Any = None) -> None:
             write_image(pred.probabilities, job.results_dir / "probabilities.nii.gz")
             out["probabilities.nii.gz"] = job.results_dir / "probabilities.nii.gz"
         result["volumes_ml"] = label_volumes(pred.label, model.predictor.labels)
+        result["max_label"] = max(int(v) for v in model.predictor.labels.values())
         result["seconds"] = round(float(pred.seconds), 4)
     else:
         with model.lock:
@@ -254,11 +328,15 @@ def _as_float(image: Any) -> Any:
     return image.with_array(np.asarray(image.array, dtype=np.float32))
 
 
-def _read_dicom(folder: Path, series: str | None) -> tuple[Any, list[Any]]:
-    """The image of one series in ``folder`` and its source datasets (for DICOM SEG/SR)."""
-    import pydicom
+def _read_dicom(folder: Path, series: str | None, max_unpacked: int | None = None) -> tuple[Any, list[Any]]:
+    """The image of one series in ``folder`` and its source datasets (headers only, for DICOM SEG/SR).
 
+    Raises:
+        TooLarge: the series' headers declare more decoded pixel data than ``max_unpacked`` (checked before any
+            pixel is decoded).
+    """
     from medlens.io import read_image
+    from medlens.io._dicom import dcmread
     from medlens.io.dicom import list_series
 
     found = list_series(folder)
@@ -268,8 +346,11 @@ def _read_dicom(folder: Path, series: str | None) -> tuple[Any, list[Any]]:
     chosen = found[0] if series is None else next((s for s in found if s.uid == series), None)
     if chosen is None:
         raise InputError(f"series {series!r} is not in the upload (found: {', '.join(s.uid for s in found)})")
+    files = sorted(chosen.files)
+    sources = [dcmread(Path(f), headers_only=True) for f in files]
+    if max_unpacked is not None:
+        check_pixel_budget(((Path(f).name, ds) for f, ds in zip(files, sources, strict=True)), max_unpacked)
     image = read_image(folder, series=chosen.uid)
-    sources = [pydicom.dcmread(f) for f in sorted(chosen.files)]
     return image, sources
 
 

@@ -103,8 +103,7 @@ def add_viewer(
         info: dict[str, Any] = {"state": job.state, "model": job.model, "error": job.error, "files": []}
         if job.state == "done":
             info["files"] = [n for n in VIEWABLE if n in job.files]
-            volumes = job.result.get("volumes_ml") or {}
-            info["max_label"] = max(1, len(volumes))
+            info["max_label"] = max_label(job.result)
             info["refer"] = job.result.get("refer")
         return JSONResponse(info, headers=_headers())
 
@@ -127,6 +126,18 @@ def add_viewer(
         if niivue is None:
             raise HTTPException(503, "NiiVue is not installed: run 'make install' (npm ci in viewer/)")
         return FileResponse(niivue / NIIVUE, media_type="text/javascript")
+
+
+def max_label(result: dict[str, Any]) -> int:
+    """The largest label value of a job's label map (the top of the overlay's colour range), at least 1.
+
+    The job records it (``max_label``); the count of named classes is no substitute: labels {1, 5} would put
+    label 5 past a colour range ending at 2. Results from before that was recorded fall back to the count.
+    """
+    value = result.get("max_label")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return max(1, value)
+    return max(1, len(result.get("volumes_ml") or {}))
 
 
 def _headers() -> dict[str, str]:
