@@ -122,3 +122,14 @@ def test_a_constant_map_cannot_be_checked(
         blob_classifier["model"], blob_classifier["x"], "flat", target=1, task="classification"
     )
     assert r["spearman"] is None and r["passed"] is False and "cannot be checked" in r["note"]
+
+
+def test_a_masked_images_background_is_left_out_of_the_comparison() -> None:
+    from medlens.explain.sanity import compared_voxels
+
+    x = torch.zeros(1, 2, 10, 12)
+    x[0, 0, 2:8, 3:9] = 1.0  # a skull-stripped image: the rest is exactly 0 in every channel
+    x[0, 1, 2:4, 3:5] = 1.0
+    inside = compared_voxels(x)
+    assert inside.shape == (10, 12) and inside.sum() == 36 and inside[2:8, 3:9].all()
+    assert compared_voxels(x + 0.5).all()  # no exact-zero background: every voxel counts

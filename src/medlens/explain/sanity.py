@@ -108,6 +108,11 @@ def randomisation_check(
             region=region,
         ).map
 
+    inside = compared_voxels(x)
+
+    def rank_corr(a: np.ndarray, b: np.ndarray) -> tuple[float | None, str]:
+        return _spearman(a[inside], b[inside])
+
     rhos: list[float] = []
     rand_map = original.map
     why = ""
@@ -116,7 +121,7 @@ def randomisation_check(
         randomise_weights(rnd, seed=seed + r)
         rand_map = randomised_map(rnd)
         del rnd
-        rho_r, why = _spearman(original.map, rand_map)
+        rho_r, why = rank_corr(original.map, rand_map)
         if rho_r is None:
             break
         rhos.append(rho_r)
@@ -150,11 +155,19 @@ def randomisation_check(
             f"{verdict}. Full randomisation (Adebayo et al. 2018): every layer re-initialised, {repeats} "
             f"independent draw(s) (seeds {seed}..{seed + repeats - 1}); Spearman rank correlation of the "
             f"flattened maps, averaged over the draws; passed when the mean |rho| is below {threshold}."
+            + (
+                f" Compared inside the image's nonzero mask ({int(inside.sum())} of {inside.size} voxels): the "
+                "exact-zero background of a masked image is zero in both maps and would inflate the correlation."
+                if not inside.all()
+                else ""
+            )
             + context
         ),
     }
     if cascading:
-        out["cascade"] = _cascade(model, x, seed=seed, original=original.map, map_of=randomised_map)
+        out["cascade"] = _cascade(
+            model, x, seed=seed, original=original.map, map_of=randomised_map, corr=rank_corr
+        )
     if return_maps:
         out["maps"] = {"original": original.map, "randomised": rand_map}
     return out
@@ -197,6 +210,15 @@ def randomise_weights(
 # ---- helpers -----------------------------------------------------------------------------------------------
 
 
+def compared_voxels(x: torch.Tensor) -> np.ndarray:
+    """The voxels whose saliency is compared: inside the nonzero mask of a masked image (skull-stripped MR:
+    at least 5% of the voxels exactly 0 in every channel), else all of them."""
+    nonzero = (x[0] != 0).any(dim=0).detach().cpu().numpy()
+    if nonzero.mean() > 0.95 or nonzero.sum() < 16:
+        return np.ones_like(nonzero, dtype=bool)
+    return nonzero
+
+
 def _spearman(a: np.ndarray, b: np.ndarray) -> tuple[float | None, str]:
     """Spearman's rho of two maps; a constant randomised map counts as uncorrelated (rho 0)."""
     from scipy.stats import spearmanr
@@ -217,6 +239,7 @@ def _cascade(
     seed: int,
     original: np.ndarray,
     map_of: Callable[[nn.Module], np.ndarray],
+    corr: Callable[[np.ndarray, np.ndarray], tuple[float | None, str]] = _spearman,
 ) -> list[dict[str, Any]]:
     """Cumulative re-initialisation from the output layer down, in up to CASCADE_STAGES stages."""
     from medlens.explain.targets import model_device
@@ -231,7 +254,7 @@ def _cascade(
     out = []
     for a, b in itertools.pairwise(edges.tolist()):
         randomise_weights(net, seed=seed + int(a), modules=[modules[n] for n in params[a:b]])
-        rho, _ = _spearman(original, map_of(net))
+        rho, _ = corr(original, map_of(net))
         out.append({"layers": f"{params[0]} .. {params[b - 1]} ({b} of {len(params)})", "spearman": rho})
     return out
 
