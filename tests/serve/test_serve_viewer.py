@@ -115,6 +115,11 @@ class Browser:
     def errors(self) -> list[str]:
         """Console errors, uncaught exceptions, failed loads (4xx/5xx or network) and browser log errors."""
         out = []
+        urls = {
+            e["params"]["requestId"]: e["params"]["request"]["url"]
+            for e in self.events
+            if e.get("method") == "Network.requestWillBeSent"
+        }
         for e in self.events:
             method, p = e.get("method"), e.get("params", {})
             if method == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
@@ -128,7 +133,10 @@ class Browser:
             elif method == "Network.responseReceived" and p["response"]["status"] >= 400:
                 out.append(f"http {p['response']['status']}: {p['response']['url']}")
             elif method == "Network.loadingFailed":
-                out.append(f"load failed: {p.get('errorText')}")
+                if p.get("canceled") and not p.get("blockedReason"):
+                    continue  # given up by the page or browser (seen on a starved CPU), not a missing resource
+                url = urls.get(p.get("requestId"), "?")
+                out.append(f"load failed: {p.get('errorText')} ({url}, canceled={p.get('canceled')})")
         return out
 
     def close(self) -> None:
