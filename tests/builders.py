@@ -134,6 +134,10 @@ def cls_plan(dataset: Dataset, path: Path, iterations: int = 60, dropout: float 
     data = plan.to_dict()
     cfg = data["configurations"][plan.default_configuration]
     cfg["training"].update(val_every=iterations // 3, checkpoint_every=iterations)
+    # A deliberately imperfect model (the tests need some mistakes and attackable margins): the best
+    # validation checkpoint of a short plain run, not the planner's mixup and final weights.
+    cfg.setdefault("validation", {})["selection"] = "best"
+    cfg.get("augmentation", {}).pop("mixup", None)
     return Plan.from_dict(data).save(path)
 
 

@@ -4,8 +4,9 @@ Both methods get the same data in one run: the brain-lesion sample (2D axial sli
 once by medlens's plan (input size, per-image z-score), the same patient-level fold 0 (train / validation) and
 the same held-out test slices; both train for the same wall-clock budget on the same cores and threads.
 
-* medlens: the planner's network, loss, augmentation, precision, schedule and batch size for the budget, trained
-  by :func:`medlens.tasks.classify_train.fit` (the engine); best validation AUC kept.
+* medlens: the planner's network, loss, augmentation, precision, schedule, batch size and model selection for the
+  budget, trained by :func:`medlens.tasks.classify_train.fit` (the engine).
+* medlens (previous rules): the same plan without the small-data rules (:func:`previous_rules`), an ablation.
 * reference: the MedMNIST v2 recipe (Yang et al. 2023): cross-entropy, Adam lr 1e-3, batch 128, no
   augmentation, fp32, learning rate x0.1 at 50% and 75% of training (of the time budget here, since training is
   bounded by time), validated every epoch, best validation AUC kept; in its two published forms (MONAI's
@@ -18,9 +19,11 @@ MedMNIST's definitions (AUC of the positive score; ACC at score > 0.5), with boo
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/classification/run.py --budget 3m --work bench/_work/classification
+    .venv/bin/python bench/classification/run.py --budget 3m --work bench/_work/classification --seeds 0 1 2
 
-The table is printed and saved as ``WORK/results.json``; record it in ``bench/RESULTS.md``.
+``--seeds`` repeats every method with each training seed (the data, its fold and the plan stay the same: the
+plan is made once, before the first seed), then reports each method's test AUC per seed, mean and range. The
+tables are printed and saved as ``WORK/results.json``; record them in ``bench/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ NAMES = ["no lesion", "lesion"]
 
 
 # ---- shared data -------------------------------------------------------------------------------------------
-def prepare(work: Path, budget: str, subjects: int | None, seed: int) -> dict[str, Any]:
+def prepare(
+    work: Path, budget: str, subjects: int | None, seed: int, threads: int | None = None
+) -> dict[str, Any]:
     """Build (or reuse) brain-lesion 2D, plan medlens for the budget, save both methods' arrays in ``work``."""
     from medlens.data.dataset import load_dataset, read_case_image
     from medlens.data.fingerprint import compute_fingerprint
@@ -60,7 +65,8 @@ def prepare(work: Path, budget: str, subjects: int | None, seed: int) -> dict[st
     else:
         dataset = build_sample("brain-lesion", data_dir, subjects=subjects, seed=seed)
     t0 = time.perf_counter()
-    plan = make_plan(compute_fingerprint(dataset), task="classification", budget=budget)
+    overrides = {"threads": threads} if threads else None
+    plan = make_plan(compute_fingerprint(dataset), task="classification", budget=budget, overrides=overrides)
     plan_seconds = time.perf_counter() - t0
     plan.save(work / "plan.json")
     config = plan.configuration()
@@ -111,13 +117,34 @@ def _peak_ram_mb() -> float:
 
 
 # ---- the two methods (each in its own process) ---------------------------------------------------------------
-def run_medlens(work: Path) -> dict[str, Any]:
-    """medlens as planned: the engine trains, the best validation AUC is kept."""
-    from medlens.plan.plan import Plan
+def previous_rules(config: dict[str, Any]) -> dict[str, Any]:
+    """The same plan with the rules it had before the small-data rules (issue 4, 2026-11-22): best validation AUC
+    kept, no label smoothing or mixup, weight decay 1e-4, the modality's plain augmentation (MR's here). The
+    network, batch, iterations and runtime stay as planned, so only those rules differ."""
+    config["validation"]["selection"] = "best"
+    config["loss"].pop("label_smoothing", None)
+    config["training"]["optimizer"]["weight_decay"] = 1e-4
+    aug = config["augmentation"]
+    aug.pop("mixup", None)
+    aug["rotation"].update(p=0.2, degrees=15.0)
+    aug["scaling"].update(p=0.2, range=[0.85, 1.15])
+    aug["noise"].update(p=0.1, std=[0.0, 0.05])
+    for k in ("brightness", "contrast"):
+        aug[k].update(p=0.15, range=[0.8, 1.2])
+    return config
+
+
+def run_medlens(work: Path, seed: int, previous: bool = False) -> dict[str, Any]:
+    """medlens as planned (training seed ``seed``): the engine trains and keeps the planned checkpoint;
+    ``previous``: with :func:`previous_rules`."""
+    from medlens.plan.plan import Plan, thaw
     from medlens.tasks.classify import predict_scores
     from medlens.tasks.classify_train import fit
 
-    config = Plan.load(work / "plan.json").configuration()
+    config = thaw(Plan.load(work / "plan.json").configuration())
+    config["training"]["seed"] = int(seed)
+    if previous:
+        config = previous_rules(config)
     a = _load(work)
     shutil.rmtree(work / "medlens_run", ignore_errors=True)  # the previous benchmark's run
     res = fit(
@@ -129,8 +156,9 @@ def run_medlens(work: Path) -> dict[str, Any]:
     )
     seen = res.trained.iterations * int(config["batch_size"])
     return {
-        "method": "medlens",
-        "network": config["network"]["name"],
+        "method": "medlens (previous rules)" if previous else "medlens",
+        "seed": int(seed),
+        "network": f"{config['network']['name']} x{config['network'].get('widen_factor', 1)}",
         "train_seconds": res.trained.seconds,
         "iterations": res.trained.iterations,
         "batch_size": int(config["batch_size"]),
@@ -204,6 +232,7 @@ def run_reference(
     scores = scores_of(test_x)
     return {
         "method": f"MedMNIST ResNet-18 ({size or 224})",
+        "seed": int(seed),
         "network": f"resnet18 {'28^2, 3x3 stem' if size else f'{x.shape[-1]}^2, 7x7/2 stem'}, fp32",
         "train_seconds": seconds,
         "iterations": steps,
@@ -218,25 +247,29 @@ def run_reference(
 # ---- driver --------------------------------------------------------------------------------------------------
 def _worker(args: argparse.Namespace) -> None:
     work = Path(args.work)
-    if args.worker == "medlens":
-        out = run_medlens(work)
+    if args.worker in ("medlens", "medlens_previous"):
+        out = run_medlens(work, args.seed, previous=args.worker == "medlens_previous")
     else:
         from medlens.plan.budget import parse_budget
 
         size = 28 if args.worker == "reference28" else None
         out = run_reference(work, parse_budget(args.budget), args.threads, args.seed, size)
     out["peak_ram_mb"] = _peak_ram_mb()
-    (work / f"{args.worker}.json").write_text(json.dumps(out, indent=1))
+    (work / f"{args.worker}_s{args.seed}.json").write_text(json.dumps(out, indent=1))
 
 
-def _spawn(work: Path, worker: str, args: argparse.Namespace, threads: int | None) -> dict[str, Any]:
+def _spawn(
+    work: Path, worker: str, args: argparse.Namespace, threads: int | None, seed: int
+) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", worker, "--work", str(work), "--budget", args.budget,
-           "--seed", str(args.seed)]  # fmt: skip
+           "--seed", str(seed)]  # fmt: skip
     if threads:
         cmd += ["--threads", str(threads)]
-    log.info("running %s", worker)
+    log.info("running %s, seed %d", worker, seed)
     subprocess.run(cmd, check=True)
-    return json.loads((work / f"{worker}.json").read_text())
+    out: dict[str, Any] = json.loads((work / f"{worker}_s{seed}.json").read_text())
+    out["load_average_after"] = os.getloadavg()[0]
+    return out
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -266,16 +299,62 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _seed_table(rows: list[dict[str, Any]]) -> str:
+    """Per method over the seeds: test AUC per seed, mean and range; ACC mean; throughput; peak RAM."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    agg = {}
+    for m in methods:
+        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r["seed"])
+        auc = [r["auc"] for r in rs]
+        agg[m] = {
+            "auc": auc, "acc": [r["acc"] for r in rs], "ips": float(np.mean([r["images_per_second"] for r in rs])),
+            "ram": max(r["peak_ram_mb"] for r in rs), "seeds": [r["seed"] for r in rs],
+            "its": float(np.mean([r["iterations"] for r in rs])), "batch": rs[0]["batch_size"],
+        }  # fmt: skip
+    lines = [
+        "| method | test AUC per seed | AUC mean | AUC range | ACC mean | iterations x batch (mean) "
+        "| train images/s (mean) | peak RAM MB (max) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m, a in agg.items():
+        lines.append(
+            f"| {m} | {' / '.join(f'{v:.3f}' for v in a['auc'])} (seeds {', '.join(map(str, a['seeds']))}) "
+            f"| {np.mean(a['auc']):.3f} | {min(a['auc']):.3f}-{max(a['auc']):.3f} | {np.mean(a['acc']):.3f} "
+            f"| {a['its']:.0f} x {a['batch']} | {a['ips']:.1f} | {a['ram']:.0f} |"
+        )
+    lines.append("")
+    m0 = agg[methods[0]]
+    for ref in methods[1:]:
+        r = agg[ref]
+        lines.append(
+            f"ratios {methods[0]} / {ref} (means over seeds): AUC {np.mean(m0['auc']) / np.mean(r['auc']):.3f}, "
+            f"ACC {np.mean(m0['acc']) / np.mean(r['acc']):.3f}, throughput {m0['ips'] / r['ips']:.2f}x, "
+            f"peak RAM {m0['ram'] / r['ram']:.2f}x"
+        )
+    return "\n".join(lines)
+
+
+PEERS = ("medlens", "medlens_previous", "reference28", "reference")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget", default="3m", help="training budget of each method (90s, 3m, 10m)")
     p.add_argument("--work", default="bench/_work/classification", help="work folder (data, runs, results)")
     p.add_argument("--subjects", type=int, default=None, help="simulated subjects (default: the sample's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the simulated dataset and its folds")
     p.add_argument(
-        "--worker", choices=["medlens", "reference28", "reference"], default=None, help=argparse.SUPPRESS
+        "--seeds", type=int, nargs="+", default=[0], help="training seeds (each method runs once per seed)"
     )
+    p.add_argument(
+        "--peers", nargs="+", choices=PEERS, default=list(PEERS), help="methods to run (medlens first)"
+    )
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # a worker's training seed
+    p.add_argument(
+        "--threads", type=int, default=None,
+        help="torch threads for every method (a plan override); default: the planner's choice",
+    )  # fmt: skip
+    p.add_argument("--worker", choices=PEERS, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.worker:
@@ -284,21 +363,35 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    info = prepare(work, args.budget, args.subjects, args.seed)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    info = prepare(work, args.budget, args.subjects, args.data_seed, args.threads)
     for reason in info["plan_reasons"]:
         log.info("plan: %s", reason)
-    rows = [_spawn(work, "medlens", args, None)]
-    rows += [_spawn(work, w, args, info["threads"]) for w in ("reference28", "reference")]
-    table = _table(rows)
-    print(table)
+    rows: list[dict[str, Any]] = []
+    tables = []
+    for seed in args.seeds:
+        seed_rows = [
+            _spawn(work, w, args, None if w.startswith("medlens") else info["threads"], seed)
+            for w in PEERS
+            if w in args.peers
+        ]
+        rows += seed_rows
+        tables.append(f"seed {seed}\n" + _table(seed_rows))
+        print(tables[-1], flush=True)
+    summary = _seed_table(rows)
+    print(summary)
     results = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "started": started,
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "budget": args.budget,
         "data": {k: v for k, v in info.items() if k != "plan_reasons"},
+        "plan_reasons": info["plan_reasons"],
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "rows": rows,
-        "table": table,
+        "tables": tables,
+        "summary": summary,
     }
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print(f"load average before {load_before}, after {os.getloadavg()}; details in {work / 'results.json'}")

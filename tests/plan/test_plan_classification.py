@@ -58,7 +58,8 @@ def config(plan: Plan) -> dict[str, Any]:
 def test_balanced_classes_get_a_plain_loss() -> None:
     p = plan_for(cls_fingerprint([100, 120, 110]))
     c = config(p)
-    assert c["loss"] == {"name": "ce"} and c["sampling"] == {"balanced": False}
+    assert c["loss"]["name"] == "ce" and "class_weights" not in c["loss"]
+    assert c["sampling"] == {"balanced": False}
     assert any("plain loss" in r for r in p.reasons)
 
 
@@ -80,7 +81,11 @@ def test_strong_imbalance_balances_the_batches_instead() -> None:
 
 def test_multilabel_uses_bce_without_weights_and_ordinal_the_cumulative_head() -> None:
     ml = config(plan_for(cls_fingerprint([500, 3, 40], ctype="multilabel")))
-    assert ml["loss"] == {"name": "bce"} and ml["sampling"]["balanced"] is False
+    assert (
+        ml["loss"]["name"] == "bce"
+        and "class_weights" not in ml["loss"]
+        and ml["sampling"]["balanced"] is False
+    )
     od = plan_for(cls_fingerprint([50, 40, 30, 20, 10], ctype="ordinal"))
     assert config(od)["loss"]["name"] == "coral"
     assert any("median of that distribution" in r for r in od.reasons)
@@ -194,3 +199,63 @@ def test_measured_plans_keep_the_faster_threads_and_precision(monkeypatch: pytes
     assert (1, "bf16") in calls and (2, "fp32") in calls
     assert any(r.startswith("runtime: 1 thread(s) in bf16") for r in p.reasons)
     assert c["estimates"]["measured"] is True
+
+
+# ---- small datasets (evidence: bench/classification/sweep.py on brain-lesion, RESULTS.md) ----------------------
+def brain_lesion_like(n: int = 320) -> dict[str, Any]:
+    """2D MR slices of ~107 pixels, two balanced classes: the brain-lesion sample's fingerprint."""
+    return cls_fingerprint([n // 2, n // 2], ctype="binary", shape=(107, 107), modality="MR")
+
+
+def test_many_epochs_of_a_small_dataset_turn_regularisation_on() -> None:
+    p = plan_for(brain_lesion_like(), budget="3m")
+    c = config(p)
+    epochs = c["training"]["iterations"] * c["batch_size"] / 256
+    assert epochs >= 25
+    assert c["training"]["optimizer"]["weight_decay"] == 1e-4  # measured: no gain on top of mixup
+    aug = c["augmentation"]
+    assert aug["mixup"] == {"p": 0.5, "alpha": 0.4}
+    assert aug["mirror"] == {"p": 0.5, "axes": [0]}  # still only what the modality allows
+    assert aug["rotation"]["degrees"] == 15.0
+    assert "label_smoothing" not in c["loss"]  # measured: no gain on brain-lesion
+    assert any(
+        r.startswith("regularisation:") and "mixup" in r and f"{epochs:.0f} epochs" in r for r in p.reasons
+    )
+    assert any("mixup (p 0.5, alpha 0.4)" in r for r in p.reasons if r.startswith("augmentation:"))
+
+
+def test_few_epochs_keep_the_standard_recipe() -> None:
+    p = plan_for(cls_fingerprint([30000, 30000]), budget="2m")  # a MedMNIST-sized set: few passes
+    c = config(p)
+    assert c["training"]["iterations"] * c["batch_size"] / 48000 < 25
+    assert "label_smoothing" not in c["loss"] and "mixup" not in c["augmentation"]
+    assert c["training"]["optimizer"]["weight_decay"] == 1e-4
+    assert any(r.startswith("regularisation: standard") for r in p.reasons)
+
+
+def test_regularisation_keeps_the_modality_augmentation() -> None:
+    fp = cls_fingerprint([150, 150], modality="SM", channels=3)  # pathology: any rotation, no gamma
+    aug = config(plan_for(fp, budget="3m"))["augmentation"]
+    assert aug["rotation"]["degrees"] == 180.0 and aug["rotation"]["p"] == 0.5
+    assert aug["gamma"]["p"] == 0.0 and aug["mixup"]["p"] == 0.5
+
+
+def test_small_datasets_cap_the_network_by_parameters_per_image() -> None:
+    small = plan_for(cls_fingerprint([128, 128]), budget="5h")  # the budget alone buys the widest rung ...
+    assert config(small)["network"]["widen_factor"] <= 0.25
+    assert any(r.startswith("network capacity:") and "204 training images" in r for r in small.reasons)
+    large = plan_for(cls_fingerprint([3000, 3000, 3000]), budget="5h")  # ... as it does here
+    assert config(large)["network"]["widen_factor"] == 1.0
+    assert not any(r.startswith("network capacity:") for r in large.reasons)
+
+
+def test_small_validation_sets_keep_the_final_weights() -> None:
+    small = plan_for(brain_lesion_like(), budget="90s")
+    assert config(small)["validation"]["selection"] == "last"
+    assert any(
+        r.startswith("model selection: the final weights") and "64 validation cases" in r
+        for r in small.reasons
+    )
+    large = plan_for(cls_fingerprint([3000, 3000]), budget="90s")
+    assert config(large)["validation"]["selection"] == "best"
+    assert any(r.startswith("model selection: the best validation AUC") for r in large.reasons)

@@ -15,7 +15,12 @@ The ``augmentation`` section (every transform optional; a missing key takes nnU-
      "gamma":      {"p": 0.3,  "range": [0.7, 1.5], "invert_p": 0.1},
      "noise":      {"p": 0.1,  "std": [0.0, 0.1]},
      "brightness": {"p": 0.15, "range": [0.75, 1.25]},
-     "contrast":   {"p": 0.15, "range": [0.75, 1.25]}}
+     "contrast":   {"p": 0.15, "range": [0.75, 1.25]},
+     "mixup":      {"p": 0.0,  "alpha": 0.2}}                  # classification only, see below
+
+``mixup`` (off by default) is validated here with the rest but applied by the classification task
+(:class:`medlens.tasks.classify.ClassificationTask`), since it mixes the targets too: with probability ``p`` a
+batch becomes ``lam x + (1 - lam) x[perm]`` with ``lam ~ Beta(alpha, alpha)``; :class:`BatchAugment` ignores it.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "noise": {"p": 0.1, "std": [0.0, 0.1]},
     "brightness": {"p": 0.15, "range": [0.75, 1.25]},
     "contrast": {"p": 0.15, "range": [0.75, 1.25]},
+    "mixup": {"p": 0.0, "alpha": 0.2},
 }
 
 
@@ -63,6 +69,8 @@ class AugmentParams:
     brightness_range: tuple[float, float] = (1.0, 1.0)
     contrast_p: float = 0.0
     contrast_range: tuple[float, float] = (1.0, 1.0)
+    mixup_p: float = 0.0  # applied by the classification task, not by BatchAugment
+    mixup_alpha: float = 0.2
 
     @property
     def active(self) -> bool:
@@ -154,6 +162,11 @@ def parse_augmentation(
         elif name == "gamma":
             kw["gamma_range"] = _range(v["range"], f"{path}.range", 0.0)
             kw["gamma_invert_p"] = _prob(v["invert_p"], f"{path}.invert_p")
+        elif name == "mixup":
+            alpha = v["alpha"]
+            if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
+                raise InputError(f"{path}.alpha: expected a Beta parameter > 0 (e.g. 0.2), got {alpha!r}")
+            kw["mixup_alpha"] = float(alpha)
         elif name == "noise":
             kw["noise_std"] = _range(v["std"], f"{path}.std", 0.0, strictly_positive=False)
         else:

@@ -35,6 +35,7 @@ class WholeImagePlanner(Planner):
     voxels_per_batch: ClassVar[dict[int, int]] = {2: 128 * 64**2, 3: 16 * 32**3}
     batch_range: ClassVar[dict[int, tuple[int, int]]] = {2: (16, 128), 3: (4, 32)}
     val_case_fraction = 0.2  # expected validation share of the cases (cross-validation folds)
+    params_per_image = 4000  # rungs with more parameters than this per training image are left out
     min_validations = 5  # validation is capped so that this many fit in val_fraction of the budget
 
     @property
@@ -79,8 +80,7 @@ class WholeImagePlanner(Planner):
         lo, hi = self.batch_range[nd]
         batch = 2 ** int(math.log2(max(1, self.voxels_per_batch[nd] // math.prod(size))))
         batch = int(np.clip(batch, lo, hi))
-        n_train = max(1, int(self.need("num_cases") * (1 - self.val_case_fraction)))
-        batch = min(batch, max(2, 2 ** int(math.log2(max(2, n_train // 4)))))
+        batch = min(batch, max(2, 2 ** int(math.log2(max(2, self.n_train // 4)))))
         while batch > 2 and self.memory_needed(cost, batch) > self.memory_limit:
             batch //= 2
         return batch
@@ -116,12 +116,33 @@ class WholeImagePlanner(Planner):
             threads=self.threads,
         )
 
+    @property
+    def n_train(self) -> int:
+        """Expected training images of a fold."""
+        return max(1, int(self.need("num_cases") * (1 - self.val_case_fraction)))
+
     def epochs(self, seconds: float, batch: int) -> tuple[float, int]:
         """(epochs, iterations) that fit the training share of the budget at ``seconds`` per step."""
         train = self.budget * (1 - self.reserve_fraction - self.val_fraction)
         its = int(train // max(seconds, 1e-9))
-        n_train = max(1, int(self.need("num_cases") * (1 - self.val_case_fraction)))
-        return its * batch / n_train, its
+        return its * batch / self.n_train, its
+
+    def capacity(self, ladder: list[dict[str, Any]], costs: list[StepCost]) -> int:
+        """How many rungs (from the cheapest) the dataset can feed: at most ``params_per_image`` parameters per
+        training image, always at least the cheapest rung; the budget alone would give a few hundred images a
+        wide network on a fast machine. Brain-lesion (254 training slices, 90 s, 3 seeds, final weights; bench/
+        classification/sweep.py): ResNet-18 x0.25 (0.7M parameters, 2,700 per image) test AUC 0.726, x0.5
+        (2.8M) 0.691, x0.125 0.667: the cap at 4,000 per image keeps x0.25 and leaves out x0.5 and wider."""
+        cap = self.params_per_image * self.n_train
+        keep = max(1, next((i for i, c in enumerate(costs) if c.param_bytes / 4 > cap), len(costs)))
+        if keep < len(ladder) and "network" not in self.overrides:
+            dropped = ladder[keep]
+            self.reason(
+                f"network capacity: at most {cap / 1e6:.2g}M parameters for {self.n_train} training images "
+                f"({self.params_per_image} per image): rungs from {dropped['name']} x{dropped.get('widen_factor', 1)} "
+                f"({costs[keep].param_bytes / 4e6:.2g}M) up are left out, whatever the budget buys"
+            )
+        return keep
 
     def choose_network(self, size: list[int]) -> tuple[dict[str, Any], int, float, bool]:
         """The most capable rung that reaches ``min_epochs`` and ``min_iterations`` (else the cheapest).
@@ -140,6 +161,8 @@ class WholeImagePlanner(Planner):
         ladder = self.network_ladder(size)
         # rank by the FLOP model first, then time the chosen rung (and re-check) for real
         costs = [self.cost(spec, nd, size) for spec in ladder]
+        keep = self.capacity(ladder, costs)
+        ladder, costs = ladder[:keep], costs[:keep]
         chosen, timed = 0, dict[int, float]()
         if (
             self.measure
@@ -163,11 +186,12 @@ class WholeImagePlanner(Planner):
         batch = self.batch_size(size, cost)
         seconds = timed.get(chosen) or self.estimate_seconds(cost, batch, nd)
         ep, its = self.epochs(seconds, batch)
+        rungs = f"{len(ladder)} rung{'s' if len(ladder) > 1 else ''}"
         verdict = (
-            f"the most capable of {len(ladder)} rungs that sees the training set >= {self.min_epochs:g} times in "
+            f"the most capable of {rungs} that sees the training set >= {self.min_epochs:g} times in "
             f">= {self.min_iterations} steps"
             if ep >= self.min_epochs and its >= self.min_iterations
-            else f"the cheapest of {len(ladder)} rungs: no rung reaches {self.min_epochs:g} epochs and "
+            else f"the cheapest of {rungs}: no rung reaches {self.min_epochs:g} epochs and "
             f"{self.min_iterations} steps in the budget"
         )
         self.reason(

@@ -249,6 +249,7 @@ LOSS = Obj(
         "lambda_dice": Num(0.0),
         "lambda_ce": Num(0.0),
         "class_weights": List(Num(0.0, open_low=True), expected="expected a list of positive weights"),
+        "label_smoothing": Num(0.0, 1.0, open_high=True),  # classification
     },
     required=("name",),
 )
@@ -277,7 +278,12 @@ CONFIGURATION = Obj(
         "training": Obj({}, open=True),  # checked by medlens.engine.config.TrainConfig
         "inference": INFERENCE,
         "postprocessing": POSTPROCESSING,
-        "validation": Obj({"max_cases": Nullable(Int(1))}),
+        "validation": Obj(
+            {
+                "max_cases": Nullable(Int(1)),
+                "selection": Str(("best", "smoothed", "last")),  # classification: which weights are kept
+            }
+        ),
         "estimates": Obj({}, open=True),  # what the planner measured; informational
     }
 )

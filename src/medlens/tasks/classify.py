@@ -18,7 +18,10 @@ class probabilities are taken as their differences, so they are never negative a
 
 Images come from :mod:`medlens.tasks.classify_data` (each image preprocessed once into one array); batches
 are sampled from that array as a pure function of ``(seed, index)`` and augmented as a whole batch with
-:class:`medlens.data.augment.BatchAugment`.
+:class:`medlens.data.augment.BatchAugment`, then mixed (``augmentation.mixup``) if the plan says so.
+
+Regularisation keys the planner sets for small datasets: ``loss.label_smoothing``, ``augmentation.mixup``, and
+``validation.selection`` (which weights the engine keeps: best validation AUC, its running mean, or the last).
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ log = logging.getLogger(__name__)
 
 #: Losses each classification type accepts (the first is the planner's choice).
 LOSSES = {"binary": ("ce",), "multiclass": ("ce",), "multilabel": ("bce",), "ordinal": ("coral", "ce")}
+#: validation.selection -> the validation metric the engine maximises to choose the weights it keeps:
+#: ``best`` the best validation AUC (MedMNIST's rule); ``smoothed`` the best mean AUC of the last
+#: :data:`SMOOTHING_WINDOW` validations (after a resume the window restarts); ``last`` the final weights (the
+#: number of batches trained, which only rises, also across a resume).
+SELECTIONS = {"best": "auc", "smoothed": "auc_smoothed", "last": "trained_batches"}
+SMOOTHING_WINDOW = 3
 
 
 def check_loss(ctype: str, spec: Mapping[str, Any], where: str = "plan.json") -> str:
@@ -74,12 +83,20 @@ def class_probabilities(logits: torch.Tensor, ctype: str, loss: str) -> torch.Te
 
 class ClassificationLoss(nn.Module):
     """The plan's loss: ``ce`` (optionally class-weighted), ``bce`` (``class_weights`` = per-label positive
-    weights), ``coral`` (BCE on the cumulative targets; ``class_weights`` weight each case by its grade)."""
+    weights), ``coral`` (BCE on the cumulative targets; ``class_weights`` weight each case by its grade).
+
+    ``label_smoothing`` (eps, default 0) softens the targets: for ``ce`` as torch's ``label_smoothing`` (1 - eps on
+    the class, eps spread uniformly), for ``bce``/``coral`` each 0/1 target becomes eps/2 / 1 - eps/2.
+    """
 
     def __init__(self, spec: Mapping[str, Any], ctype: str, num_classes: int) -> None:
         super().__init__()
         self.name = check_loss(ctype, spec)
         self.ctype, self.k = ctype, num_classes
+        eps = spec.get("label_smoothing", 0.0)
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 <= eps < 1:
+            raise PlanError(f"plan.json: loss.label_smoothing must be a number in [0, 1), got {eps!r}")
+        self.smoothing = float(eps)
         weights = spec.get("class_weights")
         if weights is not None and len(weights) != num_classes:
             raise PlanError(
@@ -93,11 +110,14 @@ class ClassificationLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         w = None if self.weights is None else self.weights.to(logits.device)
+        eps = self.smoothing
         if self.name == "ce":
-            return nn.functional.cross_entropy(logits, target.long(), weight=w)
+            return nn.functional.cross_entropy(logits, target.long(), weight=w, label_smoothing=eps)
         if self.name == "bce":
-            return nn.functional.binary_cross_entropy_with_logits(logits, target.float(), pos_weight=w)
+            soft = target.float() * (1 - eps) + eps / 2
+            return nn.functional.binary_cross_entropy_with_logits(logits, soft, pos_weight=w)
         levels = (target.long()[:, None] > torch.arange(self.k - 1, device=logits.device)[None, :]).float()
+        levels = levels * (1 - eps) + eps / 2
         per_case = nn.functional.binary_cross_entropy_with_logits(logits, levels, reduction="none").mean(
             dim=1
         )
@@ -192,6 +212,7 @@ class ClassificationTask:
         self.batch_size = int(config["batch_size"])
         self.loss_fn = ClassificationLoss(config.get("loss", {}), ctype, num_classes)
         self.augment = make_augment(config.get("augmentation"), int(config["spatial_dims"]))
+        self.mixup = mixup_params(config.get("augmentation"))
         self.balanced = bool(config.get("sampling", {}).get("balanced", False)) and ctype != "multilabel"
         if self.balanced:
             labels = targets[self.train_rows]
@@ -202,6 +223,15 @@ class ClassificationTask:
             val = np.sort(np.random.default_rng(0).choice(val, size=int(cap), replace=False))
         self.val_rows = val
         self._perms: dict[tuple[int, int], np.ndarray] = {}
+        # Which weights the engine keeps (the plan's validation.selection; see SELECTIONS).
+        self.selection = str(config.get("validation", {}).get("selection", "best"))
+        if self.selection not in SELECTIONS:
+            raise PlanError(
+                f"plan.json: validation.selection {self.selection!r} is not one of {', '.join(SELECTIONS)}"
+            )
+        self.score_key = SELECTIONS[self.selection]
+        self._recent: list[float] = []
+        self._trained = 0  # batches handed to the engine (its iteration count)
 
     def _epoch_perm(self, seed: int, epoch: int) -> np.ndarray:
         key = (seed, epoch)
@@ -224,6 +254,7 @@ class ClassificationTask:
     def batch(self, seed: int, index: int) -> dict[str, torch.Tensor]:
         """Batch number ``index`` of the stream for ``seed`` (a pure function of both)."""
         rows = self.rows(seed, index)
+        self._trained = max(self._trained, index + 1)
         order = np.argsort(rows, kind="stable")  # sorted reads are kinder to a memory-mapped array
         data = np.empty((len(rows), *self.images.shape[1:]), dtype=np.float32)
         data[order] = self.images[rows[order]]
@@ -232,6 +263,16 @@ class ClassificationTask:
             gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, index, 7]).integers(2**62)))
             out = self.augment(out, gen)
         out["target"] = torch.from_numpy(np.asarray(self.targets[rows]))
+        if self.mixup is not None:
+            rng = np.random.default_rng([seed, index, 11])
+            p, alpha = self.mixup
+            if rng.random() < p:  # mixup (Zhang et al. 2018): convex pairs of images, the loss mixed alike
+                lam = float(rng.beta(alpha, alpha))
+                lam = max(lam, 1.0 - lam)  # the first image dominates, so its augmentation stays meaningful
+                perm = torch.from_numpy(rng.permutation(len(rows)))
+                out["image"] = lam * out["image"] + (1.0 - lam) * out["image"][perm]
+                out["target_mixed"] = out["target"][perm]
+                out["mix"] = torch.tensor(lam, dtype=torch.float32)
         return out
 
     def batches(self, seed: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -241,7 +282,13 @@ class ClassificationTask:
             index += 1
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.loss_fn(model(batch["image"]), batch["target"])
+        logits = model(batch["image"])
+        if "mix" not in batch:
+            return self.loss_fn(logits, batch["target"])
+        lam = batch["mix"].to(logits.device)
+        return lam * self.loss_fn(logits, batch["target"]) + (1 - lam) * self.loss_fn(
+            logits, batch["target_mixed"]
+        )
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         """AUC as MedMNIST defines it (its model selection), accuracy and balanced accuracy."""
@@ -251,7 +298,25 @@ class ClassificationTask:
             model, self.images, self.val_rows, self.ctype, self.loss_fn.name, self.batch_size * 2
         )
         m = point_metrics(self.targets[self.val_rows], scores, classification_type=self.ctype)
-        return {"auc": m["medmnist_auc"], "acc": m["accuracy"], "balanced_acc": m["balanced_accuracy"]}
+        out = {"auc": m["medmnist_auc"], "acc": m["accuracy"], "balanced_acc": m["balanced_accuracy"]}
+        self._recent.append(float(m["medmnist_auc"]))
+        out["auc_smoothed"] = float(np.mean(self._recent[-SMOOTHING_WINDOW:]))
+        out["trained_batches"] = float(self._trained)
+        return out
+
+
+def mixup_params(augmentation: Mapping[str, Any] | None) -> tuple[float, float] | None:
+    """(probability per batch, Beta alpha) of the plan's ``augmentation.mixup``, or None when it is off.
+
+    The section is validated with the rest of ``augmentation`` by :func:`medlens.data.augment.parse_augmentation`.
+    """
+    from medlens.data.augment import DEFAULTS
+
+    spec = (augmentation or {}).get("mixup")
+    if not spec:
+        return None
+    v = {**DEFAULTS["mixup"], **spec}
+    return (float(v["p"]), float(v["alpha"])) if float(v["p"]) > 0 else None
 
 
 @torch.no_grad()

@@ -98,6 +98,10 @@ def fit(
     result = Trainer(model, task, dict(config["training"]), run_dir, progress=progress, device=device).fit(
         resume=resume
     )
+    best = result.best_score
+    if task.score_key != "auc":  # report the validation AUC of the weights kept, not the selection score
+        kept = [h for h in result.history.get("val", []) if h.get("iteration") == result.best_iteration]
+        best = float(kept[-1]["auc"]) if kept and kept[-1].get("auc") is not None else None
     model.eval()
     dev = next(model.parameters()).device
     precision = resolve_precision(str(config["training"].get("precision", "auto")), dev)
@@ -108,7 +112,7 @@ def fit(
     trained = TrainedFold(
         fold=fold,
         run_dir=run_dir,
-        best_score=result.best_score,
+        best_score=best,
         iterations=result.iterations,
         seconds=result.seconds,
     )
