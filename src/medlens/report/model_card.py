@@ -21,7 +21,7 @@ INTENDED_USE = (
 
 def model_card(run_dir: str | Path, evaluation: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The model card of a run as a dict (evaluation: the run's ``evaluation.json``, if evaluated)."""
-    from medlens.report.trust_sections import findings, headline
+    from medlens.report.trust_sections import findings, headline, sanity_verdict
 
     run_dir = Path(run_dir)
     info = json.loads((run_dir / "run.json").read_text())
@@ -84,7 +84,7 @@ def model_card(run_dir: str | Path, evaluation: Mapping[str, Any] | None = None)
             for kind, c in ((evaluation.get("robustness") or {}).get("curves") or {}).items()
         },
         "explanation_sanity": {
-            m: c.get("passed")
+            m: sanity_verdict(c)
             for m, c in ((evaluation.get("explanations") or {}).get("sanity") or {}).items()
         },
         "deferral": (evaluation.get("uncertainty") or {}).get("curve", {}).get("auc"),
@@ -136,7 +136,7 @@ def to_markdown(card: Mapping[str, Any]) -> str:
         lines += [f"- {col}: {json.dumps(g)}" for col, g in ev["subgroup_gaps"].items()] or ["- none"]
         lines += ["", "### Robustness", ""]
         lines += [f"- {k}: {json.dumps(v)}" for k, v in ev["robustness"].items()]
-        lines += ["", "### Explanations (model-randomisation check passed?)", ""]
+        lines += ["", "### Explanations (model-randomisation check)", ""]
         lines += [f"- {k}: {v}" for k, v in ev["explanation_sanity"].items()]
         lines += ["", f"Deferral: area under the kept-metric curve {ev['deferral']}."]
     lines += ["", "## Known limitations", ""] + [f"- {t}" for t in card["limitations"]]

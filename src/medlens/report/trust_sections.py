@@ -21,6 +21,13 @@ def _f(v: Any, digits: int = 3) -> str:
     return "–" if v is None or not np.isfinite(float(v)) else f"{float(v):.{digits}f}"
 
 
+def sanity_verdict(check: Mapping[str, Any]) -> str:
+    """``passed``, ``FAILED`` or ``not checkable`` (a constant map has no ranking to compare)."""
+    if check.get("spearman") is None:
+        return "not checkable"
+    return "passed" if check.get("passed") else "FAILED"
+
+
 def gap_text(gap: Mapping[str, Any]) -> str:
     """``"0.123 [0.050, 0.200] (B vs A)"`` from a subgroup gap (``estimate``, ``ci``, ``high_group``, ``low_group``)."""
     lo, hi = _lohi(gap.get("ci")).values()
@@ -75,7 +82,11 @@ def findings(ev: Mapping[str, Any]) -> list[str]:
                 + ("; no gap is estimated for this column." if not gap else ".")
             )
     for method, check in ((ev.get("explanations") or {}).get("sanity") or {}).items():
-        if not check.get("passed"):
+        if check.get("spearman") is None:
+            out.append(
+                f"Explanation method {method} could not be checked ({check.get('note', '')}); do not rely on it."
+            )
+        elif not check.get("passed"):
             out.append(
                 f"Explanation method {method} FAILED the model-randomisation check (Spearman "
                 f"{_f(check.get('spearman'))}): its maps do not depend on what the network learnt; do not use them."
@@ -123,9 +134,7 @@ def at_a_glance(rep: Any, ev: Mapping[str, Any], prefix: str) -> None:
                 if curve
                 else "–"
             ),
-            "explanation sanity checks": ", ".join(
-                f"{m} {'passed' if c.get('passed') else 'FAILED'}" for m, c in sanity.items()
-            )
+            "explanation sanity checks": ", ".join(f"{m} {sanity_verdict(c)}" for m, c in sanity.items())
             or "–",
             "evaluation time": f"{ev.get('seconds', {}).get('total', '–')} s",
         },
@@ -358,7 +367,7 @@ def explanations(rep: Any, ev: Mapping[str, Any], pictures: Any, prefix: str) ->
     rep.table(
         "Model-randomisation sanity check",
         [{"method": m, "Spearman (trained vs randomised)": c.get("spearman"), "threshold": c.get("threshold"),
-          "result": "passed" if c.get("passed") else "FAILED", "note": c.get("note", "")}
+          "result": sanity_verdict(c), "note": c.get("note", "")}
          for m, c in (ex.get("sanity") or {}).items()],
     )  # fmt: skip
     for case in ex.get("cases", []):
