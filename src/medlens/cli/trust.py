@@ -24,7 +24,7 @@ def evaluate(
     ] = "test",
     seed: Annotated[int, typer.Option(help="Seed of every bootstrap and perturbation.")] = 0,
     fast: Annotated[
-        bool, typer.Option(help="Fewer cases for robustness, explanations and uncertainty samples.")
+        bool, typer.Option(help="Fewer cases and draws for robustness and explanations.")
     ] = False,
     report: Annotated[bool, typer.Option(help="Also write RUN/report.html and the model card.")] = True,
 ) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -22,29 +22,18 @@ log = logging.getLogger(__name__)
 N_WORST = 3
 
 
-def uncertainty_settings(referral: Mapping[str, Any] | None, fast: bool) -> tuple[str, int]:
-    """The uncertainty method and sample count: the run's referral ones when it has a threshold (scores are
-    only comparable with it when computed the same way), else automatic with 4 (fast) or 8 samples."""
-    if referral and referral.get("method"):
-        return str(referral["method"]), int(referral.get("samples") or 8)
-    return "auto", 4 if fast else 8
-
-
 def collect_segmentation(
     predictor: Any,
     dataset: Any,
     cases: Sequence[Any],
     *,
     seed: int = 0,
-    fast: bool = False,
-    referral: Mapping[str, Any] | None = None,
 ) -> Collected:
     """Predict every case (labels and probabilities in its own geometry), score it in mm, and estimate its
     uncertainty; keep the axial slice with most reference foreground of every case for the pictures."""
     from medlens.data.dataset import read_case_image
     from medlens.evaluate.segmentation import segmentation_metrics
     from medlens.evaluate.summary import case_record, summarise
-    from medlens.explain.uncertainty import segmentation_uncertainty
     from medlens.io import read_image
 
     classes = {n: v for n, v in dataset.labels.items() if v != 0}
@@ -54,11 +43,12 @@ def collect_segmentation(
     truth_list: list[np.ndarray] = []
     pictures: dict[str, np.ndarray] = {}
     unc_info: dict[str, Any] = {}
-    method, samples = uncertainty_settings(referral, fast)
     for case in cases:
         image = read_case_image(dataset, case)
         truth = np.asarray(read_image(dataset.path(str(case.label))).array[0])
-        result = predictor.predict(image, probabilities=True)
+        # the deployed prediction, with the uncertainty predict --uncertainty gives (the run's referral method,
+        # samples and seed, so the scores are comparable with its threshold)
+        result = predictor.predict(image, probabilities=True, uncertainty=True)
         pred = np.asarray(result.label.array[0])
         metrics = segmentation_metrics(pred, truth, image.spacing, classes)
         per_case.append(case_record(case.id, metrics, site=case.site, meta=dict(case.meta)))
@@ -68,11 +58,11 @@ def collect_segmentation(
         assert result.probabilities is not None  # asked for above
         probs_list.append(np.asarray(result.probabilities.array, dtype=np.float32))
         truth_list.append(truth)
-        _, unc_image, score = segmentation_uncertainty(
-            predictor, image, method=method, samples=samples, seed=seed
-        )
-        unc.append(float(score))
-        unc_info = {k: v for k, v in (unc_image.meta or {}).items() if isinstance(v, str | int | float)}
+        unc_image, score = result.uncertainty, float(result.uncertainty_score)
+        unc.append(score)
+        unc_info = {
+            k: v for k, v in result.uncertainty_info.items() if k in ("score_name", "method", "samples")
+        }
         k = _best_slice(truth, pred)
         img = np.asarray(image.array[0], dtype=np.float32)
         pictures.update(
@@ -114,14 +104,12 @@ def collect_classification(
     cases: Sequence[Any],
     *,
     seed: int = 0,
-    fast: bool = False,
-    referral: Mapping[str, Any] | None = None,
 ) -> Collected:
     """Predict every image, compute the metrics at the run's stored threshold, each case's correctness and
     uncertainty; keep the worst (most confidently wrong) and the most confidently right images for pictures."""
     from medlens.data.dataset import read_case_image
     from medlens.evaluate.classification import classification_metrics
-    from medlens.explain.uncertainty import classification_uncertainty
+    from medlens.explain.uncertainty import classification_uncertainty, uncertainty_settings
     from medlens.tasks.classify import targets
     from medlens.tasks.classify_data import prepare_image
 
@@ -136,7 +124,7 @@ def collect_classification(
         threshold=threshold, seed=seed,
     )  # fmt: skip
     correct = correctness(y, probs, predictor.ctype, threshold)
-    method, samples = uncertainty_settings(referral, fast)
+    method, _, _, samples, seed = uncertainty_settings(predictor, "auto")
     unc = classification_uncertainty(predictor, x, method=method, samples=samples, seed=seed)
     loss = _case_loss(y, probs, predictor.ctype)
     order = np.argsort(-loss)

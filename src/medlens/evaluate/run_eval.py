@@ -72,8 +72,8 @@ def evaluate_run(
         out_dir: where to write (default ``RUN/evaluation``).
         split: ``test`` (the dataset's test cases) or ``val`` (the validation cases of the run's folds).
         seed: every bootstrap, perturbation and sampling seed.
-        fast: fewer cases, strengths and samples for the costly parts (robustness, explanations,
-            uncertainty); the metrics, calibration and subgroups always use every case.
+        fast: fewer cases and draws for the costly parts (robustness, explanations); the metrics,
+            calibration, subgroups and uncertainty always use every case.
         progress: called with a short text before each stage.
 
     Returns:
@@ -110,7 +110,7 @@ def evaluate_run(
         from medlens.evaluate.run_collect import collect_segmentation as collect
     else:
         from medlens.evaluate.run_collect import collect_classification as collect
-    got = collect(predictor, dataset, cases, seed=seed, fast=fast, referral=info.get("referral"))
+    got = collect(predictor, dataset, cases, seed=seed)
 
     times: dict[str, float] = {"predict": round(time.perf_counter() - t0, 1)}
     result: dict[str, Any] = {

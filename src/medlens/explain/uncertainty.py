@@ -333,6 +333,16 @@ def referral_for(predictor: Any, method: str) -> tuple[str, dict[str, Any] | Non
     return chosen, referral, ""
 
 
+def uncertainty_settings(predictor: Any, method: str) -> tuple[str, dict[str, Any] | None, str, int, int]:
+    """``(method, referral, note, samples, seed)`` for a prediction's uncertainty: :func:`referral_for`, plus
+    the sample count and seed the referral threshold was decided with (8 and 0 without one), so scores are
+    comparable with the threshold."""
+    chosen, referral, note = referral_for(predictor, method)
+    samples = int(referral.get("samples", 8)) if referral else 8
+    seed = int(referral.get("seed", 0)) if referral else 0
+    return chosen, referral, note, samples, seed
+
+
 def check_referral(run_dir: str | Path, method: str = "auto") -> str:
     """Refuse to flag referrals without a validated threshold; return the method whose threshold applies.
 

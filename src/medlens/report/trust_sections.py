@@ -190,7 +190,7 @@ def performance(rep: Any, ev: Mapping[str, Any], pictures: Any, prefix: str) -> 
             row[f"{cls} Dice"] = m.get("dice")
             row[f"{cls} HD95 (mm)"] = m.get("hd95")
         row["uncertainty"] = (ev.get("uncertainty") or {}).get("scores", {}).get(rec["id"])
-        row["seconds"] = ev.get("prediction_seconds", {}).get(rec["id"])
+        row["seconds (with uncertainty)"] = ev.get("prediction_seconds", {}).get(rec["id"])
         rows.append(row)
     rep.table("Per case", rows)
     rep.figure("Dice per case", per_case_bar_figure(ev["per_case"], metric="dice"))

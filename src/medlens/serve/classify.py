@@ -199,11 +199,9 @@ class ClassificationPredictor:
         return result
 
     def _add_uncertainty(self, result: ClassificationPrediction, x: np.ndarray, method: str) -> None:
-        from medlens.explain.uncertainty import classification_uncertainty, refer, referral_for
+        from medlens.explain.uncertainty import classification_uncertainty, refer, uncertainty_settings
 
-        chosen, referral, note = referral_for(self, method)
-        samples = int(referral.get("samples", 8)) if referral else 8
-        seed = int(referral.get("seed", 0)) if referral else 0
+        chosen, referral, note, samples, seed = uncertainty_settings(self, method)
         res = classification_uncertainty(self, x, chosen, samples=samples, seed=seed)
         result.uncertainty = float(res["score"][0])
         result.refer = refer(result.uncertainty, referral)

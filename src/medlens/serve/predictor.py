@@ -228,11 +228,9 @@ class Predictor:
         return result
 
     def _add_uncertainty(self, result: SegmentationPrediction, image: Image, method: str) -> None:
-        from medlens.explain.uncertainty import refer, referral_for, segmentation_uncertainty
+        from medlens.explain.uncertainty import refer, segmentation_uncertainty, uncertainty_settings
 
-        chosen, referral, note = referral_for(self, method)
-        samples = int(referral.get("samples", 8)) if referral else 8
-        seed = int(referral.get("seed", 0)) if referral else 0
+        chosen, referral, note, samples, seed = uncertainty_settings(self, method)
         _, umap, score = segmentation_uncertainty(self, image, chosen, samples=samples, seed=seed)
         result.uncertainty, result.uncertainty_score = umap, score
         result.refer = refer(score, referral)
