@@ -164,18 +164,41 @@ def time_training_step(
     import torch
     from monai.losses import DiceCELoss
 
+    gen = torch.Generator().manual_seed(0)
+    shape = (batch_size, in_channels, *[int(p) for p in patch_size])
+    x = torch.randn(shape, generator=gen)
+    y = torch.randint(0, out_channels, (batch_size, 1, *shape[2:]), generator=gen)
+    return median_step_seconds(
+        lambda: _build(spec, spatial_dims, in_channels, out_channels),
+        x, y, DiceCELoss(to_onehot_y=True, softmax=True),
+        device=device, precision=precision, threads=threads, steps=steps,
+    )  # fmt: skip
+
+
+def median_step_seconds(
+    build: Any,
+    x: Any,
+    y: Any,
+    loss_fn: Any,
+    *,
+    device: str = "cpu",
+    precision: str = "fp32",
+    threads: int | None = None,
+    steps: int = 3,
+) -> float:
+    """Median wall time of ``steps`` training steps of ``build()`` on ``(x, y)`` after one warm-up step: forward
+    under autocast (``precision`` ``"bf16"``/``"fp16"``), ``loss_fn`` in fp32, backward, AdamW; with
+    ``threads`` torch threads (restored afterwards). Every task's planner times its steps with this."""
+    import torch
+
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
         dev = torch.device(device)
-        gen = torch.Generator().manual_seed(0)
-        model = _build(spec, spatial_dims, in_channels, out_channels).to(dev).train()
+        model = build().to(dev).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-        shape = (batch_size, in_channels, *[int(p) for p in patch_size])
-        x = torch.randn(shape, generator=gen).to(dev)
-        y = torch.randint(0, out_channels, (batch_size, 1, *shape[2:]), generator=gen).to(dev)
+        x, y = x.to(dev), y.to(dev)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         times = []
         for _ in range(steps + 1):

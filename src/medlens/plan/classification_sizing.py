@@ -257,39 +257,19 @@ def time_classification_step(
     steps: int = 3,
 ) -> float:
     """Median wall time of ``steps`` real classification steps (forward under autocast, cross-entropy,
-    backward, AdamW) after one warm-up step."""
-    import time
-
+    backward, AdamW) after one warm-up step (:func:`medlens.plan.budget.median_step_seconds`)."""
     import torch
 
     from medlens.models import create_model
+    from medlens.plan.budget import median_step_seconds
 
-    old = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        dev = torch.device(device)
-        gen = torch.Generator().manual_seed(0)
-        model = create_model(
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((batch_size, in_channels, *[int(s) for s in size]), generator=gen)
+    y = torch.randint(0, out_channels, (batch_size,), generator=gen)
+    return median_step_seconds(
+        lambda: create_model(
             dict(spec), spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels
-        )
-        model = model.to(dev).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        x = torch.randn((batch_size, in_channels, *[int(s) for s in size]), generator=gen).to(dev)
-        y = torch.randint(0, out_channels, (batch_size,), generator=gen).to(dev)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        times = []
-        for _ in range(steps + 1):
-            t0 = time.perf_counter()
-            with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                out = model(x)
-            loss = torch.nn.functional.cross_entropy(out.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            times.append(time.perf_counter() - t0)
-        return float(sorted(times[1:])[len(times[1:]) // 2])
-    finally:
-        torch.set_num_threads(old)
+        ),
+        x, y, torch.nn.functional.cross_entropy,
+        device=device, precision=precision, threads=threads, steps=steps,
+    )  # fmt: skip
